@@ -1,0 +1,48 @@
+"""vllm-transmla: convert GQA models (Llama, Mistral, Qwen2, Mixtral) to Multi-head Latent Attention
+and serve them in vLLM with a compressed, paged latent KV cache.
+
+Importing the package registers the converted checkpoints' config and model classes with
+transformers' Auto classes, so `AutoModelForCausalLM.from_pretrained(converted_dir)` works.
+`register()` is vLLM's plugin entry point (group `vllm.general_plugins`).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_hf_registered = False
+
+
+def register_hf() -> None:
+    """Register our configs and models with transformers' Auto classes (idempotent)."""
+    global _hf_registered
+    if _hf_registered:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    from .hf.configuration import MLA_CONFIG_CLASSES
+    from .hf.modeling import MLA_CAUSAL_LM_CLASSES
+
+    for model_type, config_cls in MLA_CONFIG_CLASSES.items():
+        AutoConfig.register(model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, MLA_CAUSAL_LM_CLASSES[config_cls], exist_ok=True)
+    # Mixtral checkpoints store experts one by one; transformers fuses them on load for "mixtral".
+    register_checkpoint_conversion_mapping(
+        "mixtral_mla", get_checkpoint_conversion_mapping("mixtral"), overwrite=True
+    )
+    _hf_registered = True
+
+
+def register() -> None:
+    """vLLM plugin entry point; see vllm_transmla.serving.plugin."""
+    register_hf()
+    from .serving.plugin import register_vllm
+
+    register_vllm()
+
+
+register_hf()

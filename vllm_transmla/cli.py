@@ -1,0 +1,96 @@
+"""`transmla` command line: convert checkpoints, inspect them, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from .errors import TransMLAError
+
+
+def _cmd_convert(args) -> int:
+    from .convert.pipeline import convert, kv_bytes_per_token
+    from .convert.source import open_source
+
+    dst = convert(args.src, args.dst, mode=args.mode, overwrite=args.overwrite,
+                  max_shard_size=args.max_shard_size, progress=not args.quiet)
+    from transformers import AutoConfig
+
+    src_cfg, dst_cfg = open_source(Path(args.src)).config, AutoConfig.from_pretrained(dst)
+    print(f"wrote {dst} ({dst_cfg.architectures[0]}, kv_lora_rank={dst_cfg.kv_lora_rank}, "
+          f"qk_rope_head_dim={dst_cfg.qk_rope_head_dim}); KV cache per token (bf16): "
+          f"{kv_bytes_per_token(src_cfg)} B -> {kv_bytes_per_token(dst_cfg)} B")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from transformers import AutoConfig
+
+    from .convert.pipeline import kv_bytes_per_token
+
+    cfg = AutoConfig.from_pretrained(args.model)
+    info = {"model_type": cfg.model_type, "architectures": cfg.architectures,
+            "kv_bytes_per_token_bf16": kv_bytes_per_token(cfg)}
+    for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "qk_rope_num_blocks",
+                "softmax_scale", "transmla"):
+        if hasattr(cfg, key):
+            info[key] = getattr(cfg, key)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.workdir, serve=not args.no_vllm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transmla", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a GQA checkpoint (Llama, Mistral, Qwen2, Mixtral) to MLA")
+    p.add_argument("src", help="source checkpoint directory (config.json + *.safetensors); never modified")
+    p.add_argument("dst", help="output directory; must not exist unless --overwrite")
+    p.add_argument("--mode", choices=["exact"], default="exact",
+                   help="exact: same function, same cache size (latent = concatenated K and V)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST (only once the new one is complete)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB or 500MB")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("info", help="print a checkpoint's MLA shape and KV bytes per token")
+    p.add_argument("model")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="build a small model, convert it and compare the two")
+    p.add_argument("--workdir", default="demo_out", help="where the demo writes its models")
+    p.add_argument("--no-vllm", action="store_true", help="compare with transformers only")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up temporaries on `kill` as on Ctrl-C
+    try:
+        return args.func(args)
+    except TransMLAError as err:
+        print(f"transmla: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        dst = getattr(args, "dst", None)
+        where = f"; {dst} was not created or changed" if dst else ""
+        print(f"transmla: interrupted{where}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Reading and writing sharded safetensors checkpoints, one tensor at a time.
+
+The source is only ever opened for reading. Shards are checked up front (header parses, data
+length matches the header) so a truncated or corrupt download fails before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import TransMLAError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, after checking the file holds all the data it lists."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise TransMLAError(f"shard {path.name} is truncated ({size} bytes): re-download or re-save it")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise TransMLAError(
+                f"shard {path.name} is corrupt or truncated (header of {header_len} bytes in a "
+                f"{size}-byte file): re-download or re-save it"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TransMLAError(f"shard {path.name} is corrupt (unreadable header: {err}): re-download it") from None
+    if not isinstance(header, dict):
+        raise TransMLAError(f"shard {path.name} is corrupt (header is not a table): re-download it")
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end != size:
+        raise TransMLAError(
+            f"shard {path.name} is truncated or corrupt: its header lists {data_end} bytes of tensors "
+            f"but the file holds {size - 8 - header_len}; re-download or re-save it"
+        )
+    return header
+
+
+class SourceCheckpoint:
+    """Name -> tensor access over a directory of safetensors shards (read-only)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.weight_map = self._weight_map()  # tensor name -> shard file name
+        self.headers = {}
+        for shard in sorted(set(self.weight_map.values())):
+            shard_path = self.path / shard
+            if not shard_path.is_file():
+                raise TransMLAError(
+                    f"missing shard {shard} (listed in {INDEX_NAME}) in {self.path}: download the complete checkpoint"
+                )
+            self.headers[shard] = read_safetensors_header(shard_path)
+        for name, shard in self.weight_map.items():
+            if name not in self.headers[shard]:
+                raise TransMLAError(
+                    f"{INDEX_NAME} says tensor {name} is in {shard} but it is not there: the index and "
+                    f"the shards are from different downloads; download the checkpoint again"
+                )
+        self._handles = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                return dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise TransMLAError(f"{index} is corrupt ({err}): download it again") from None
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            found = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+            hint = (f" (found {', '.join(found[:3])}: re-save it with save_pretrained(..., safe_serialization=True))"
+                    if found else "")
+            raise TransMLAError(f"no safetensors weights in {self.path}{hint}")
+        weight_map = {}
+        for f in files:
+            for name in read_safetensors_header(f):
+                if name != "__metadata__":
+                    weight_map[name] = f.name
+        return weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.headers[self.weight_map[name]][name]["shape"])
+
+    def dtype_name(self, name: str) -> str:
+        return self.headers[self.weight_map[name]][name]["dtype"]
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weight_map[name]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+        try:
+            return self._handles[shard].get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types
+            raise TransMLAError(f"cannot read tensor {name} from {shard} ({err}): re-download the shard") from None
+
+
+class ShardWriter:
+    """Collects tensors and writes shards of at most `max_shard_bytes`, then an index."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.directory / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Name shards model-0000i-of-0000N.safetensors and write the index; returns shard names."""
+        self.flush()
+        n = len(self.shards)
+        names, weight_map = [], {}
+        for i, tensor_names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.directory / f"shard-{i:05d}.tmp").rename(self.directory / final)
+            names.append(final)
+            weight_map.update({t: final for t in tensor_names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names

@@ -1,0 +1,43 @@
+"""Attention shapes of a source (GQA) model and of the MLA model it converts to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GQAShape:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config) -> "GQAShape":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.hidden_size, config.num_attention_heads,
+                   config.num_key_value_heads or config.num_attention_heads, head_dim)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head; query head h reads KV head h // group_size (transformers' repeat_kv)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the concatenated K (or V) of all KV heads."""
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+    qk_rope_num_blocks: int
+
+    def config_fields(self) -> dict:
+        return dict(kv_lora_rank=self.kv_lora_rank, qk_rope_head_dim=self.qk_rope_head_dim,
+                    qk_nope_head_dim=self.qk_nope_head_dim, v_head_dim=self.v_head_dim,
+                    qk_rope_num_blocks=self.qk_rope_num_blocks)

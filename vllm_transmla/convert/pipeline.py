@@ -1,0 +1,152 @@
+"""`transmla convert`: stream a source checkpoint layer by layer into an MLA checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import TransMLAError
+from ..hf.configuration import MLA_CONFIG_CLASSES
+from .checkpoint import ShardWriter
+from .exact import exact_attention, exact_mla_shape
+from .output import atomic_directory, check_destination, copy_side_files
+from .source import Source, open_source
+
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '1GiB' or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise TransMLAError(f"cannot read size {text!r}: write it like 2GB, 500MB or 1048576")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    return int(float(m.group(1)) * base**power)
+
+
+def mla_config(source: Source, mla_shape, settings: dict):
+    """The converted checkpoint's config: the source's, plus the MLA shape and provenance."""
+    family = source.family
+    config_cls = MLA_CONFIG_CLASSES[family.target_model_type]
+    fields = source.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
+        fields.pop(key, None)
+    window_key = family.sliding_window.get("config_key")
+    window = fields.pop(window_key, None) if window_key else None
+    qkv_bias = family.has_bias("qkv_bias", source.config)
+    fields.update(mla_shape.config_fields())
+    fields.update(
+        num_key_value_heads=source.gqa.num_heads,
+        head_dim=source.gqa.head_dim,
+        softmax_scale=source.gqa.head_dim ** -0.5,
+        rope_interleave=False,
+        mla_q_bias=qkv_bias,
+        mla_kv_a_bias=qkv_bias,
+        mla_o_bias=family.has_bias("o_bias", source.config),
+        transmla={
+            "version": __version__,
+            "source_family": family.family,
+            "source_architectures": source.raw_config.get("architectures"),
+            "source_model_type": source.raw_config.get("model_type"),
+            "source_num_key_value_heads": source.gqa.num_kv_heads,
+            "source_sliding_window": window,
+            **settings,
+        },
+    )
+    config = config_cls(**fields)
+    config.architectures = [family.target_architecture]
+    return config
+
+
+def _layer_of(name: str) -> int | None:
+    m = LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _convert_layer_attention(source: Source, layer: int, mode: str) -> dict[str, torch.Tensor]:
+    fam, w = source.family, source.weights
+    get = lambda role, kind: (w.get(f"{fam.attn_name(role, layer)}.{kind}")  # noqa: E731
+                              if f"{fam.attn_name(role, layer)}.{kind}" in w else None)
+    if mode != "exact":
+        raise TransMLAError(f"unknown mode {mode!r}: use --mode exact")
+    tensors = exact_attention(source.gqa, get("q_proj", "weight"), get("k_proj", "weight"),
+                              get("v_proj", "weight"), get("q_proj", "bias"), get("k_proj", "bias"),
+                              get("v_proj", "bias"))
+    prefix = f"model.layers.{layer}.self_attn."
+    out = {prefix + k: v for k, v in tensors.items()}
+    out[prefix + "o_proj.weight"] = get("o_proj", "weight")
+    if get("o_proj", "bias") is not None:
+        out[prefix + "o_proj.bias"] = get("o_proj", "bias")
+    return out
+
+
+def convert(src: str | Path, dst: str | Path, mode: str = "exact", overwrite: bool = False,
+            max_shard_size: str | int = "2GB", progress: bool = True) -> Path:
+    """Convert the checkpoint at `src` into an MLA checkpoint at `dst`; returns `dst`.
+
+    Reads one layer at a time; holds at most one layer plus one output shard in memory.
+    """
+    src, dst = Path(src), Path(dst)
+    if mode != "exact":
+        raise TransMLAError(f"unknown mode {mode!r}: use --mode exact")
+    source = open_source(src)
+    check_destination(src, dst, overwrite)
+    mla_shape = exact_mla_shape(source.gqa)
+    config = mla_config(source, mla_shape, {"mode": mode})
+    window = config.transmla["source_sliding_window"]
+    if window:
+        print(f"transmla: the source uses a sliding window of {window} tokens; the MLA model attends to the "
+              f"whole context, which is the same function for sequences up to {window} tokens", file=sys.stderr)
+
+    # Attention tensors are rebuilt; every other tensor is copied verbatim, layer by layer.
+    attn_prefixes = [source.family.attn_name(r, 0).split("layers.0.")[1] for r in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    by_layer: dict[int | None, list[str]] = {}
+    for name in source.weights.names():
+        by_layer.setdefault(_layer_of(name), []).append(name)
+    delay = float(os.environ.get("TRANSMLA_DEBUG_LAYER_DELAY", "0"))  # lets tests interrupt mid-way
+
+    with atomic_directory(dst, overwrite) as tmp:
+        writer = ShardWriter(tmp, parse_size(max_shard_size))
+        for name in sorted(by_layer.get(None, [])):
+            writer.add(name, source.weights.get(name))
+        for layer in tqdm(range(source.num_layers), desc="converting layers", unit="layer",
+                          disable=not progress):
+            for name, tensor in sorted(_convert_layer_attention(source, layer, mode).items()):
+                writer.add(name, tensor)
+            for name in sorted(by_layer.get(layer, [])):
+                local = name.split(f"layers.{layer}.", 1)[1]
+                if not any(local.startswith(p + ".") for p in attn_prefixes):
+                    writer.add(name, source.weights.get(name))
+            if delay:
+                time.sleep(delay)
+        writer.finish()
+        config.dtype = source.config.dtype
+        config.save_pretrained(tmp)
+        copy_side_files(src, tmp)
+    return dst
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token costs over all layers: the latent for MLA configs, K+V otherwise."""
+    if hasattr(config, "kv_lora_rank"):
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        width = 2 * (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    return width * dtype_bytes * config.num_hidden_layers
+
+
+def describe(dst: Path) -> dict:
+    return json.loads((Path(dst) / "config.json").read_text())

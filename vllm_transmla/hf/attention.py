@@ -1,0 +1,130 @@
+"""MLA attention for transformers: naive (expand the latent to per-head K/V) and absorbed (queries
+moved into the latent space, as MLA decodes). Both read the same latent cache; see configuration.py
+for the layout."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .configuration import mla_softmax_scale, rope_block_dim
+
+
+def rope_config(config):
+    """A copy of `config` whose rotary embedding has the width of one rope block (so the source's
+    rope_parameters - theta, llama3/yarn/linear scaling - give the source's frequencies)."""
+    cfg = copy.deepcopy(config)
+    cfg.head_dim = rope_block_dim(config)
+    params = dict(cfg.rope_parameters or {})
+    params.pop("partial_rotary_factor", None)
+    cfg.rope_parameters = params
+    return cfg
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_block_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_blocks: int,
+                     interleave: bool = False) -> torch.Tensor:
+    """Rotate x [B, T, N, D] in `num_blocks` blocks of D / num_blocks dims; cos/sin [B, T, D / num_blocks]."""
+    b, t, n, d = x.shape
+    x = x.reshape(b, t, n * num_blocks, d // num_blocks)
+    if interleave:  # DeepSeek order (pairs adjacent) -> neox order (pairs half a block apart)
+        x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x = x * cos + _rotate_half(x) * sin
+    return x.reshape(b, t, n, d)
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention with a [c_kv ; k_pe] cache.
+
+    Set `absorb=True` to compute in the latent space (no per-head K/V); the result is the same.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.scaling = mla_softmax_scale(config)
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.absorb = False
+
+        hidden = config.hidden_size
+        if config.q_lora_rank:
+            raise NotImplementedError("q_lora_rank (low-rank queries) is not supported yet")
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=config.mla_q_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.mla_kv_a_bias
+        )
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.mla_o_bias)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                **kwargs):
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split(
+            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+        )
+        cos, sin = position_embeddings
+        blocks, interleave = self.config.qk_rope_num_blocks, self.config.rope_interleave
+        q_pe = apply_block_rope(q_pe, cos, sin, blocks, interleave)
+        k_pe = apply_block_rope(k_pe.unsqueeze(2), cos, sin, blocks, interleave)
+
+        # Cache layout [B, 1, S, *]: "keys" hold c_kv, "values" hold the roped k_pe.
+        c_kv, k_pe = c_kv.unsqueeze(1), k_pe.transpose(1, 2)
+        if past_key_values is not None:
+            c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
+
+        q_nope, q_pe = q_nope.transpose(1, 2), q_pe.transpose(1, 2)  # [B, H, T, *]
+        attend = self._absorbed if self.absorb else self._naive
+        out = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)  # [B, T, H, v]
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim)), None
+
+    def _attention(self, query, key, value, mask, kv_groups, **kwargs):
+        """The configured transformers attention function (sdpa, eager, ...) -> [B, T, H, Dv]."""
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        module = SimpleNamespace(num_key_value_groups=kv_groups, is_causal=True, training=self.training,
+                                 layer_idx=self.layer_idx, config=self.config)
+        out, _ = interface(module, query, key, value, mask, scaling=self.scaling,
+                           dropout=self.attention_dropout if self.training else 0.0, **kwargs)
+        return out
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
+        """Expand the latent: per-head keys [k_nope ; k_pe] and values, then ordinary attention."""
+        b, _, s, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv[:, 0]).view(b, s, self.num_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(b, self.num_heads, s, self.qk_rope_head_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return self._attention(q, k, v, mask, kv_groups=1, **kwargs)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
+        """Absorb W_UK into the queries and W_UV into the output: one shared latent "head" (MQA)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, d, R]
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, T, R + rope]
+        k = torch.cat([c_kv, k_pe], dim=-1)  # [B, 1, S, R + rope]
+        out_latent = self._attention(q, k, c_kv, mask, kv_groups=self.num_heads, **kwargs)  # [B,T,H,R]
+        return torch.einsum("bthr,hdr->bthd", out_latent, w_uv)
