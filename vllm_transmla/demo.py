@@ -1,6 +1,7 @@
 """`make demo`: build the embedded default model, convert it, and show both models agree.
 
-Prints the max logit difference, greedy continuations side by side and KV-cache bytes per token.
+Prints the max logit difference (transformers, fp32), then serves both models with vLLM's offline
+`LLM()` and prints greedy continuations side by side with vLLM's own KV-cache figures for each.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def build_default_model(workdir: Path) -> Path:
     path = workdir / "original"
     if not (path / "config.json").exists():
         build_tiny_model("llama-rope3", path, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=32)
     return path
 
 
@@ -50,6 +51,35 @@ def max_logit_diff(a: Path, b: Path, tokens: torch.Tensor) -> float:
     return (logits[0] - logits[1]).abs().max().item()
 
 
+KV_BUDGET = 16 * 2**20  # bytes of KV cache given to each engine
+
+
+def vllm_side_by_side(original: Path, converted: Path) -> None:
+    """Serve both models with vLLM (each in a fresh process) and print outputs and KV figures."""
+    from transformers import AutoTokenizer
+
+    from .serving.offline import run_in_subprocess
+
+    tok = AutoTokenizer.from_pretrained(converted)
+    prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    results = {}
+    for label, path in (("original", original), ("MLA exact", converted)):
+        print(f"starting vLLM for the {label} model ...", flush=True)
+        results[label] = run_in_subprocess({"model": str(path), "prompts": prompt_ids, "max_tokens": NEW_TOKENS,
+                                            "dtype": "float32", "kv_cache_memory_bytes": KV_BUDGET,
+                                            "enforce_eager": True})
+    print(f"\nvLLM, fp32, KV budget {KV_BUDGET // 2**20} MiB:")
+    for label, r in results.items():
+        tokens = r["num_gpu_blocks"] * r["block_size"]
+        print(f"  {label:>9}: use_mla={r['use_mla']}, cache head size {r['head_size']} x {r['num_kv_heads']} "
+              f"head(s); {tokens} tokens fit -> {KV_BUDGET / tokens:.0f} bytes per token")
+    print("\ngreedy continuations (vLLM):")
+    for i, prompt in enumerate(PROMPTS):
+        a, b = (results[k]["outputs"][i]["token_ids"] for k in ("original", "MLA exact"))
+        print(f"  prompt   : {prompt!r}\n  original : {tok.decode(a)!r}\n  MLA      : {tok.decode(b)!r}"
+              f"  [{'same' if a == b else 'DIFFERENT'}]")
+
+
 def main(workdir: str | Path = "demo_out", serve: bool = True) -> int:
     from transformers import AutoConfig
 
@@ -72,4 +102,6 @@ def main(workdir: str | Path = "demo_out", serve: bool = True) -> int:
     print("\ngreedy continuations (transformers):")
     for prompt, a, b in zip(PROMPTS, hf_greedy(original, PROMPTS), hf_greedy(converted, PROMPTS)):
         print(f"  prompt   : {prompt!r}\n  original : {a!r}\n  MLA      : {b!r}  [{'same' if a == b else 'DIFFERENT'}]")
+    if serve:
+        vllm_side_by_side(original, converted)
     return 0

@@ -15,7 +15,7 @@ SAMPLE_TEXT = "genesis_kjv.txt"
 
 # name -> (transformers config class name, config overrides)
 _BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
              initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 TINY_MODELS: dict[str, tuple[str, dict]] = {
     "llama-rope3": ("LlamaConfig", dict(rope_parameters=dict(
@@ -44,7 +44,16 @@ def build_tokenizer(vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(sample_text().splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# A plain chat template so `/v1/chat/completions` works on the tiny models.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -58,5 +67,27 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dtype: torch
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    build_tokenizer(config.vocab_size).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_random_mla(out_dir: str | Path, kv_lora_rank: int, qk_rope_head_dim: int, qk_nope_head_dim: int = 32,
+                     v_head_dim: int = 32, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a random MLA checkpoint of our format with the given latent shape (no source model)."""
+    from .hf.configuration import MLA_CONFIG_CLASSES
+    from .hf.modeling import MLA_CAUSAL_LM_CLASSES
+
+    config_cls = MLA_CONFIG_CLASSES[f"{family}_mla"]
+    fields = {**_BASE, "num_key_value_heads": _BASE["num_attention_heads"], "kv_lora_rank": kv_lora_rank,
+              "qk_rope_head_dim": qk_rope_head_dim, "qk_nope_head_dim": qk_nope_head_dim,
+              "v_head_dim": v_head_dim, "softmax_scale": (qk_nope_head_dim + qk_rope_head_dim) ** -0.5,
+              "mla_q_bias": family == "qwen2", "mla_kv_a_bias": family == "qwen2",
+              "transmla": {"mode": "random", "source_family": family}, **overrides}
+    config = config_cls(**fields)
+    config.architectures = [MLA_CAUSAL_LM_CLASSES[config_cls].__name__]
+    torch.manual_seed(seed)
+    model = MLA_CAUSAL_LM_CLASSES[config_cls](config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, max_shard_size="1MB")
     build_tokenizer(config.vocab_size).save_pretrained(out_dir)
     return out_dir

@@ -39,15 +39,55 @@ class MLAFields:
     transmla: dict | None = None
 
 
+@dataclass(frozen=True)
+class MLALayout:
+    """The attention shape of an MLA checkpoint, read from either config dialect we serve: ours
+    (`llama_mla`, ...) or the public TransMLA converter's (`model_type: deepseek_v3` with
+    `LlamaMLAForCausalLM`, `attention_bias`, `qk_latent_layernorm`, interleaved rope)."""
+
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+    rope_blocks: int
+    rope_interleave: bool
+    softmax_scale: float
+    q_bias: bool
+    kv_a_bias: bool
+    o_bias: bool
+    latent_layernorm: bool
+    q_lora_rank: int | None
+
+    @property
+    def rope_block_dim(self) -> int:
+        """Width of one rope block: each block is rotated like a head of this many dims."""
+        return self.qk_rope_head_dim // self.rope_blocks
+
+
+def mla_layout(config) -> MLALayout:
+    ours = hasattr(config, "mla_q_bias")
+    bias = bool(getattr(config, "attention_bias", False))
+    nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
+    scale = getattr(config, "softmax_scale", None)
+    return MLALayout(
+        kv_lora_rank=config.kv_lora_rank, qk_rope_head_dim=rope, qk_nope_head_dim=nope,
+        v_head_dim=config.v_head_dim, rope_blocks=getattr(config, "qk_rope_num_blocks", 1),
+        rope_interleave=bool(getattr(config, "rope_interleave", False)),
+        softmax_scale=float(scale) if scale is not None else float(nope + rope) ** -0.5,
+        q_bias=config.mla_q_bias if ours else bias, kv_a_bias=config.mla_kv_a_bias if ours else bias,
+        o_bias=config.mla_o_bias if ours else False,
+        latent_layernorm=bool(getattr(config, "qk_latent_layernorm", False)),
+        q_lora_rank=getattr(config, "q_lora_rank", None),
+    )
+
+
 def mla_softmax_scale(config) -> float:
-    if config.softmax_scale is not None:
-        return float(config.softmax_scale)
-    return float(config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    return mla_layout(config).softmax_scale
 
 
 def rope_block_dim(config) -> int:
     """Width of one rope block: each block is rotated like a head of this many dims."""
-    return config.qk_rope_head_dim // config.qk_rope_num_blocks
+    return mla_layout(config).rope_block_dim
 
 
 def mla_kv_bytes_per_token(config, dtype_bytes: int) -> int:

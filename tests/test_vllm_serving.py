@@ -1,0 +1,131 @@
+"""vLLM serves converted checkpoints: same tokens as transformers, a latent KV cache, TP, preemption.
+
+Every engine runs in a subprocess of its own (tests/vllm_worker.py); results are cached per module so
+each engine starts once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from reference import check_logprobs_close, hf_greedy, run_vllm
+from vllm_transmla.tiny import TINY_MODELS
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 32
+KV_BUDGET = 4_000_000  # bytes
+
+
+def _job(prompts, **extra):
+    return dict(prompts=[list(p) for p in prompts], max_tokens=MAX_TOKENS, kv_cache_memory_bytes=KV_BUDGET, **extra)
+
+
+def _vllm(path, prompts, **extra):
+    key = (str(path), tuple(map(tuple, prompts)), tuple(sorted(extra.items())))
+    if key not in _RESULTS:
+        _RESULTS[key] = run_vllm({"model": str(path), **_job(prompts, **extra)})
+    return _RESULTS[key]
+
+
+_RESULTS: dict = {}
+
+
+def _assert_same_greedy(reference, result, label):
+    for i, (ref, out) in enumerate(zip(reference, result["outputs"])):
+        assert out["token_ids"] == ref["token_ids"], f"{label}: prompt {i} differs"
+        for step, (a, b) in enumerate(zip(ref["logprobs"], out["logprobs"])):
+            token = str(ref["token_ids"][step])
+            assert abs(a[token] - b[token]) < 2e-3, f"{label}: prompt {i} step {step} logprob {a[token]} vs {b[token]}"
+
+
+def _latent_width(config) -> int:
+    return config["kv_lora_rank"] + config["qk_rope_head_dim"]
+
+
+def _assert_latent_cache(path, result, dtype_bytes=4):
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    assert result["use_mla"] and result["num_kv_heads"] == 1
+    assert result["head_size"] == _latent_width(config)
+    per_token = _latent_width(config) * dtype_bytes * config["num_hidden_layers"]
+    tokens = result["num_gpu_blocks"] * result["block_size"]
+    assert KV_BUDGET // per_token - result["block_size"] < tokens <= KV_BUDGET // per_token
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_converted_family_matches_original_fp32(name, tiny_sources, exact_converted, prompts):
+    reference = hf_greedy(tiny_sources[name], prompts, MAX_TOKENS)
+    result = _vllm(exact_converted[name], prompts)
+    _assert_same_greedy(reference, result, name)
+    _assert_latent_cache(exact_converted[name], result)
+
+
+@pytest.mark.parametrize("name", ["mla-512+64", "mla-64+16", "qwen2-mla-48+16"])
+def test_latent_widths_match_transformers_fp32(name, random_mla, prompts):
+    reference = hf_greedy(random_mla[name], prompts, MAX_TOKENS)
+    result = _vllm(random_mla[name], prompts)
+    _assert_same_greedy(reference, result, name)
+    _assert_latent_cache(random_mla[name], result)
+
+
+def test_kv_capacity_grows_by_bytes_ratio(tiny_sources, random_mla, prompts):
+    """Same KV budget: the original MHA-shaped model (2 x 4 heads x 32 = 256 values per token and layer)
+    against a 64 + 16 latent (80): vLLM fits 256 / 80 = 3.2x the tokens."""
+    original = _vllm(tiny_sources["llama-mha"], prompts)
+    latent = _vllm(random_mla["mla-64+16"], prompts)
+    assert not original["use_mla"] and latent["use_mla"]
+    # Capacity in tokens, from vLLM's own KV-cache configuration (the two use different block sizes).
+    tokens = {name: r["num_gpu_blocks"] * r["block_size"] for name, r in (("original", original), ("latent", latent))}
+    for name, per_token in (("original", 256 * 4 * 2), ("latent", 80 * 4 * 2)):  # fp32, 2 layers
+        block = (original if name == "original" else latent)["block_size"]
+        assert KV_BUDGET // per_token - block < tokens[name] <= KV_BUDGET // per_token, (name, tokens)
+    assert math.isclose(tokens["latent"] / tokens["original"], 256 / 80, rel_tol=0.05), tokens
+
+
+@pytest.mark.parametrize("name", ["llama-rope3", "mixtral"])
+def test_bf16_logprobs_close(name, tiny_sources, exact_converted, prompts):
+    reference = hf_greedy(tiny_sources[name], prompts, MAX_TOKENS)
+    result = _vllm(exact_converted[name], prompts, dtype="bfloat16")
+    check_logprobs_close(reference, result["outputs"], name)
+    _assert_latent_cache(exact_converted[name], result, dtype_bytes=2)
+
+
+def test_tensor_parallel_2_equals_1(exact_converted, prompts):
+    single = _vllm(exact_converted["llama-mha"], prompts)
+    double = run_vllm({"model": str(exact_converted["llama-mha"]), **_job(prompts, tp=2)},
+                      env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert [o["token_ids"] for o in double["outputs"]] == [o["token_ids"] for o in single["outputs"]]
+
+
+def test_preemption_keeps_outputs(tiny_sources, exact_converted, prompts):
+    """A KV budget of a few blocks forces vLLM to preempt and recompute; greedy outputs do not change."""
+    many = [p for p in prompts for _ in range(2)]
+    max_tokens = 96
+    reference = hf_greedy(tiny_sources["llama-rope3"], many[::2], max_tokens)
+    latent_bytes_per_block = 128 * 4 * 2 * 16  # latent 128 x fp32 x 2 layers x 16 tokens
+    result = run_vllm({"model": str(exact_converted["llama-rope3"]), "prompts": many, "max_tokens": max_tokens,
+                       "kv_cache_memory_bytes": 14 * latent_bytes_per_block, "max_model_len": 128})
+    assert result["num_gpu_blocks"] * result["block_size"] < sum(len(p) + max_tokens for p in many)
+    assert result["num_preemptions"] > 0
+    for i, out in enumerate(result["outputs"]):
+        assert out["token_ids"] == reference[i // 2]["token_ids"], f"prompt {i}"
+
+
+def test_public_converter_layout_serves(tmp_path, prompts):
+    """A checkpoint as the public TransMLA converter writes it (deepseek_v3 model_type, interleaved rope,
+    Qwen2-style biases, 64 rope dims) serves with the outputs of its source GQA model."""
+    from public_layout import to_public_layout
+    from vllm_transmla.convert.pipeline import convert
+    from vllm_transmla.tiny import build_tiny_model
+
+    source = build_tiny_model("qwen2", tmp_path / "src", hidden_size=128, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=64)
+    ours = convert(source, tmp_path / "ours", progress=False)  # one KV head: one 64-dim rope block
+    public = to_public_layout(ours, tmp_path / "public")
+    reference = hf_greedy(source, prompts, MAX_TOKENS)
+    result = run_vllm({"model": str(public), **_job(prompts)})
+    _assert_same_greedy(reference, result, "public layout")
+    assert result["use_mla"] and result["head_size"] == 64 + 64

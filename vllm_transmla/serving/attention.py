@@ -1,0 +1,91 @@
+"""The MLA attention module our vLLM models use (one for every family).
+
+It does what DeepSeek's `MultiHeadLatentAttentionWrapper` cannot: q / kv_a biases (Qwen2), no
+kv_a_layernorm, rope (neox or interleaved) on the rope dims in `qk_rope_num_blocks` blocks with the
+source's rope parameters (llama3 scaling included), and the source's logit scale. Attention itself is
+vLLM's `MLAAttention` over the paged latent cache, with our backend for any latent width.
+
+TP: query heads are split across ranks (q_proj, kv_b_proj column-parallel, o_proj row-parallel); the
+latent projection and cache are replicated, as vLLM does for DeepSeek.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from vllm.model_executor.layers.rotary_embedding import get_rope
+
+from ..hf.configuration import mla_layout
+from .backend import LatentMLABackend, LatentPrefillBackend
+
+
+class LatentAttention(nn.Module):
+    """hidden [T, hidden] -> [T, hidden] through a [c_kv ; k_pe] latent cache."""
+
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "", **_unused):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        if config.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads={config.num_attention_heads} is not divisible by "
+                             f"tensor_parallel_size={tp}: choose a tensor_parallel_size that divides it")
+        layout = mla_layout(config)
+        if layout.q_lora_rank:
+            raise NotImplementedError(f"q_lora_rank={layout.q_lora_rank} (low-rank queries) is not supported "
+                                      f"yet: convert without a query low-rank")
+        self.num_heads = config.num_attention_heads // tp
+        self.kv_lora_rank = layout.kv_lora_rank
+        self.qk_nope_head_dim = layout.qk_nope_head_dim
+        self.qk_rope_head_dim = layout.qk_rope_head_dim
+        self.v_head_dim = layout.v_head_dim
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        hidden, heads = config.hidden_size, config.num_attention_heads
+
+        self.q_proj = ColumnParallelLinear(hidden, heads * self.qk_head_dim, bias=layout.q_bias,
+                                           quant_config=quant_config, prefix=f"{prefix}.q_proj")
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.qk_rope_head_dim,
+                                                   bias=layout.kv_a_bias, quant_config=quant_config,
+                                                   prefix=f"{prefix}.kv_a_proj_with_mqa")
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim),
+                                              bias=False, quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
+        self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        # Optional RMSNorm of c_kv before caching (public converter's qk_latent_layernorm / DeepSeek).
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps) if layout.latent_layernorm else None
+        self.rotary_emb = get_rope(layout.rope_block_dim, max_position=config.max_position_embeddings,
+                                   is_neox_style=not layout.rope_interleave,
+                                   rope_parameters=_rope_parameters(config))
+        self.mla_attn = MLAAttention(
+            num_heads=self.num_heads, scale=layout.softmax_scale, qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=None,
+            kv_lora_rank=self.kv_lora_rank, kv_b_proj=self.kv_b_proj, cache_config=cache_config,
+            quant_config=quant_config, prefix=f"{prefix}.attn", attn_backend=LatentMLABackend,
+            prefill_backend_cls=LatentPrefillBackend,
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.shape[0]
+        q = self.q_proj(hidden_states)[0].view(tokens, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split(
+            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        if self.kv_a_layernorm is not None:
+            c_kv = self.kv_a_layernorm(c_kv)
+        # Rope through forward_native on contiguous 2-D inputs: vLLM 0.32's CPU rotary op is wrong for
+        # 3-D [T, H, D] and non-contiguous inputs, which is what the slices above are.
+        q_pe, k_pe = self.rotary_emb.forward_native(positions, q_pe.reshape(tokens, -1).contiguous(),
+                                                    k_pe.contiguous())
+        q = torch.cat([q_nope, q_pe.view(tokens, self.num_heads, self.qk_rope_head_dim)], dim=-1)
+        out = self.mla_attn(q, c_kv.contiguous(), k_pe.view(tokens, 1, self.qk_rope_head_dim),
+                            output_shape=(tokens, self.num_heads * self.v_head_dim))
+        return self.o_proj(out)[0]
+
+
+def _rope_parameters(config) -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.pop("partial_rotary_factor", None)
+    params.setdefault("rope_type", "default")
+    return params

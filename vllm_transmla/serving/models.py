@@ -1,0 +1,139 @@
+"""vLLM model classes for converted checkpoints: vLLM's own Llama / Qwen2 / Mixtral with our MLA
+attention in every decoder layer (MLPs, MoE routing, norms, embeddings and lm_head are vLLM's)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.models import mixtral, qwen2
+from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP, LlamaModel
+from vllm.model_executor.models.utils import WeightsMapper
+
+from .attention import LatentAttention
+
+# Our checkpoints have q_proj / kv_a_proj_with_mqa / kv_b_proj, not a fused qkv_proj: only the MLP
+# halves are stacked on load.
+MLA_WEIGHTS_MAPPER = WeightsMapper(orig_to_new_stacked={".gate_proj": (".gate_up_proj", 0),
+                                                        ".up_proj": (".gate_up_proj", 1)})
+
+
+@contextlib.contextmanager
+def _module_globals(module, **replacements):
+    """Let a vLLM constructor that names its sub-classes directly build ours instead."""
+    saved = {name: getattr(module, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+class _MLADecoderLayer(nn.Module):
+    """Pre-norm residual block: latent attention, then the family's feed-forward (`self._ffn`)."""
+
+    def _init_attention(self, config, cache_config, quant_config, prefix):
+        self.hidden_size = config.hidden_size
+        self.self_attn = LatentAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self._ffn(hidden_states), residual
+
+
+# --- Llama / Mistral -------------------------------------------------------------------------------
+class LlamaMLADecoderLayer(_MLADecoderLayer):
+    def __init__(self, vllm_config, prefix: str = "", config=None):
+        super().__init__()
+        config = config or vllm_config.model_config.hf_config
+        self._init_attention(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            quant_config=vllm_config.quant_config, bias=getattr(config, "mlp_bias", False),
+                            prefix=f"{prefix}.mlp")
+
+    def _ffn(self, x):
+        return self.mlp(x)
+
+
+class LlamaMLAModel(LlamaModel):
+    hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
+
+
+class LlamaMLAForCausalLM(LlamaForCausalLM):
+    hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
+    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=LlamaMLADecoderLayer)
+
+    def _init_model(self, vllm_config, prefix: str = "", layer_type=LlamaMLADecoderLayer):
+        return LlamaMLAModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+
+# --- Qwen2 -----------------------------------------------------------------------------------------
+class Qwen2MLADecoderLayer(_MLADecoderLayer):
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = ""):
+        super().__init__()
+        self._init_attention(config, cache_config, quant_config, prefix)
+        self.mlp = qwen2.Qwen2MLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                                  quant_config=quant_config, prefix=f"{prefix}.mlp")
+
+    def _ffn(self, x):
+        return self.mlp(x)
+
+
+class Qwen2MLAModel(qwen2.Qwen2Model):
+    hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
+
+    def __init__(self, *, vllm_config, prefix: str = "", decoder_layer_type=Qwen2MLADecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=Qwen2MLADecoderLayer)
+
+
+class Qwen2MLAForCausalLM(qwen2.Qwen2ForCausalLM):
+    hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
+    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        with _module_globals(qwen2, Qwen2Model=Qwen2MLAModel):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
+# --- Mixtral ---------------------------------------------------------------------------------------
+class MixtralMLADecoderLayer(_MLADecoderLayer, mixtral.MixtralDecoderLayer):
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "", enable_eplb=False):
+        nn.Module.__init__(self)
+        self._init_attention(config, cache_config, quant_config, prefix)
+        self.block_sparse_moe = mixtral.MixtralMoE(
+            num_experts=config.num_local_experts, top_k=config.num_experts_per_tok,
+            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            quant_config=quant_config, prefix=f"{prefix}.block_sparse_moe", enable_eplb=enable_eplb)
+
+    def _ffn(self, x):
+        return self.block_sparse_moe(x)
+
+    forward = _MLADecoderLayer.forward
+
+
+class MixtralMLAModel(mixtral.MixtralModel):
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_substr=mixtral.MixtralModel.hf_to_vllm_mapper.orig_to_new_substr)
+
+
+class MixtralMLAForCausalLM(mixtral.MixtralForCausalLM):
+    hf_to_vllm_mapper = MixtralMLAModel.hf_to_vllm_mapper
+    packed_modules_mapping = {}
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        with _module_globals(mixtral, MixtralModel=MixtralMLAModel, MixtralDecoderLayer=MixtralMLADecoderLayer):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -1,0 +1,74 @@
+"""Offline vLLM jobs in a fresh process each: `python -m vllm_transmla.serving.offline JOB.json OUT.json`.
+
+The demo and the tests run every engine in a subprocess of its own (vLLM's engine processes need a
+`__main__` guard, and a fresh process frees the engine's memory for the next one). A job gives the
+engine arguments, prompts (token ids) and sampling settings; the result has tokens, top-k logprobs and
+vLLM's own KV-cache configuration (use_mla, head size, blocks that fit the KV budget).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    engine_args = dict(model=job["model"], dtype=job.get("dtype", "float32"), seed=0,
+                       gpu_memory_utilization=0.5, max_model_len=job.get("max_model_len", 256),
+                       enforce_eager=job.get("enforce_eager", True),
+                       tensor_parallel_size=job.get("tp", 1), max_num_seqs=job.get("max_num_seqs", 16),
+                       disable_log_stats=False)
+    if job.get("kv_cache_memory_bytes"):
+        engine_args["kv_cache_memory_bytes"] = job["kv_cache_memory_bytes"]
+    llm = LLM(**engine_args)
+    params = SamplingParams(max_tokens=job.get("max_tokens", 32), temperature=0.0, ignore_eos=True,
+                            logprobs=job.get("logprobs", 5))
+    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
+    result = {"outputs": []}
+    for out in outs:
+        completion = out.outputs[0]
+        result["outputs"].append({
+            "token_ids": list(completion.token_ids),
+            "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in completion.logprobs],
+        })
+    engine = llm.llm_engine
+    model_config = engine.vllm_config.model_config
+    cache_config = engine.vllm_config.cache_config
+    result.update(
+        use_mla=bool(model_config.use_mla),
+        head_size=model_config.get_head_size(),
+        num_kv_heads=model_config.get_num_kv_heads(engine.vllm_config.parallel_config),
+        num_gpu_blocks=cache_config.num_gpu_blocks,
+        block_size=cache_config.block_size,
+        num_preemptions=_num_preemptions(llm),
+    )
+    return result
+
+
+def _num_preemptions(llm) -> int:
+    """Requests preempted (KV cache ran out) during the job, from vLLM's own metrics."""
+    return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
+
+
+def run_in_subprocess(job: dict, env: dict | None = None, timeout: float = 900) -> dict:
+    """Run `job` in a fresh Python process and return its result; raises with the engine's log tail."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_path.write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "vllm_transmla.serving.offline", str(job_path), str(out_path)],
+                              env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"vLLM job failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return json.loads(out_path.read_text())
+
+
+if __name__ == "__main__":
+    job = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[2], "w") as f:
+        json.dump(run(job), f)
