@@ -112,10 +112,10 @@ def test_interrupt_midway_leaves_nothing(src, tmp_path, monkeypatch):
     before = tree_digest(src)
     real = pipeline._convert_layer_attention
 
-    def interrupted(source, layer, mode):
+    def interrupted(source, layer, attention_fn):
         if layer == 2:
             raise KeyboardInterrupt
-        return real(source, layer, mode)
+        return real(source, layer, attention_fn)
 
     monkeypatch.setattr(pipeline, "_convert_layer_attention", interrupted)
     assert cli_main(["convert", str(src), str(dst), "--quiet"]) == 130

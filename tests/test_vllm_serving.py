@@ -85,12 +85,15 @@ def test_kv_capacity_grows_by_bytes_ratio(tiny_sources, random_mla, prompts):
     assert math.isclose(tokens["latent"] / tokens["original"], 256 / 80, rel_tol=0.05), tokens
 
 
-@pytest.mark.parametrize("name", ["llama-rope3", "mixtral"])
-def test_bf16_logprobs_close(name, tiny_sources, exact_converted, prompts):
-    reference = hf_greedy(tiny_sources[name], prompts, MAX_TOKENS)
-    result = _vllm(exact_converted[name], prompts, dtype="bfloat16")
+@pytest.mark.parametrize("name", list(TINY_MODELS) + ["mla-512+64", "mla-64+16"])
+def test_bf16_logprobs_close(name, tiny_sources, exact_converted, random_mla, prompts):
+    """bf16 serving against the fp32 transformers reference (of the original model where there is one)."""
+    source, served = ((tiny_sources[name], exact_converted[name]) if name in TINY_MODELS
+                      else (random_mla[name], random_mla[name]))
+    reference = hf_greedy(source, prompts, MAX_TOKENS)
+    result = _vllm(served, prompts, dtype="bfloat16")
     check_logprobs_close(reference, result["outputs"], name)
-    _assert_latent_cache(exact_converted[name], result, dtype_bytes=2)
+    _assert_latent_cache(served, result, dtype_bytes=2)
 
 
 def test_tensor_parallel_2_equals_1(exact_converted, prompts):
@@ -129,3 +132,17 @@ def test_public_converter_layout_serves(tmp_path, prompts):
     result = run_vllm({"model": str(public), **_job(prompts)})
     _assert_same_greedy(reference, result, "public layout")
     assert result["use_mla"] and result["head_size"] == 64 + 64
+
+
+@pytest.mark.parametrize("rank,rope,fold", [(96, 32, 1), (16, 16, 2)])
+def test_compressed_checkpoint_serves(rank, rope, fold, tiny_sources, prompts, tmp_path):
+    """Compressed checkpoints (the largest legal latent of the tiny Llama, 96 + 32, and a small one,
+    16 + 16 with FreqFold 2) serve in vLLM with the greedy tokens of the transformers compressed model."""
+    from vllm_transmla.convert.pipeline import convert
+
+    dst = convert(tiny_sources["llama-rope3"], tmp_path / "mla", kv_lora_rank=rank, qk_rope_dim=rope, freqfold=fold,
+                  calib_seq_len=64, progress=False)
+    reference = hf_greedy(dst, prompts, MAX_TOKENS)
+    result = run_vllm({"model": str(dst), **_job(prompts)})
+    _assert_same_greedy(reference, result, f"compressed {rank}+{rope}")
+    _assert_latent_cache(dst, result)

@@ -15,8 +15,10 @@ def _cmd_convert(args) -> int:
     from .convert.pipeline import convert, kv_bytes_per_token
     from .convert.source import open_source
 
-    dst = convert(args.src, args.dst, mode=args.mode, overwrite=args.overwrite,
-                  max_shard_size=args.max_shard_size, progress=not args.quiet)
+    dst = convert(args.src, args.dst, mode=args.mode, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                  progress=not args.quiet, kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim,
+                  kv_ratio=args.kv_ratio, freqfold=args.freqfold, calib=args.calib,
+                  calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens)
     from transformers import AutoConfig
 
     src_cfg, dst_cfg = open_source(Path(args.src)).config, AutoConfig.from_pretrained(dst)
@@ -55,8 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a GQA checkpoint (Llama, Mistral, Qwen2, Mixtral) to MLA")
     p.add_argument("src", help="source checkpoint directory (config.json + *.safetensors); never modified")
     p.add_argument("dst", help="output directory; must not exist unless --overwrite")
-    p.add_argument("--mode", choices=["exact"], default="exact",
-                   help="exact: same function, same cache size (latent = concatenated K and V)")
+    p.add_argument("--mode", choices=["exact", "compressed"], default=None,
+                   help="exact: same function, same cache size (latent = concatenated K and V); compressed: "
+                        "RoRoPE + FreqFold + balanced K/V PCA to a smaller latent (implied by a rank or ratio)")
+    p.add_argument("--kv-lora-rank", type=int, help="latent width R (default 512, clamped to the model)")
+    p.add_argument("--kv-ratio", type=float, help="fraction of the original KV cache to keep, e.g. 0.25 (sets R)")
+    p.add_argument("--qk-rope-dim", type=int, help="rope dims D kept per token (default 64 or head_dim)")
+    p.add_argument("--freqfold", type=int, help="adjacent rotary frequencies grouped per PCA (1 = exact "
+                   "rotation; default head_dim / D)")
+    p.add_argument("--calib", nargs="+", help="calibration text or jsonl files (default: shipped text)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens used at most")
     p.add_argument("--overwrite", action="store_true", help="replace DST (only once the new one is complete)")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB or 500MB")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

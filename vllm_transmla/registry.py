@@ -28,6 +28,7 @@ class FamilySpec:
     moe: dict = field(default_factory=dict)
     sliding_window: dict = field(default_factory=dict)
     refuse: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
 
     def attn_name(self, role: str, layer: int) -> str:
         """Weight-name prefix of `role` (q_proj, k_proj, v_proj, o_proj) in decoder layer `layer`."""

@@ -75,15 +75,13 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _convert_layer_attention(source: Source, layer: int, mode: str) -> dict[str, torch.Tensor]:
+def _convert_layer_attention(source: Source, layer: int, attention_fn) -> dict[str, torch.Tensor]:
+    """The MLA tensors of one layer: `attention_fn(layer, q, k, v, q_bias, k_bias, v_bias)` + o_proj."""
     fam, w = source.family, source.weights
     get = lambda role, kind: (w.get(f"{fam.attn_name(role, layer)}.{kind}")  # noqa: E731
                               if f"{fam.attn_name(role, layer)}.{kind}" in w else None)
-    if mode != "exact":
-        raise TransMLAError(f"unknown mode {mode!r}: use --mode exact")
-    tensors = exact_attention(source.gqa, get("q_proj", "weight"), get("k_proj", "weight"),
-                              get("v_proj", "weight"), get("q_proj", "bias"), get("k_proj", "bias"),
-                              get("v_proj", "bias"))
+    tensors = attention_fn(layer, get("q_proj", "weight"), get("k_proj", "weight"), get("v_proj", "weight"),
+                           get("q_proj", "bias"), get("k_proj", "bias"), get("v_proj", "bias"))
     prefix = f"model.layers.{layer}.self_attn."
     out = {prefix + k: v for k, v in tensors.items()}
     out[prefix + "o_proj.weight"] = get("o_proj", "weight")
@@ -92,19 +90,77 @@ def _convert_layer_attention(source: Source, layer: int, mode: str) -> dict[str,
     return out
 
 
-def convert(src: str | Path, dst: str | Path, mode: str = "exact", overwrite: bool = False,
-            max_shard_size: str | int = "2GB", progress: bool = True) -> Path:
+def resolve_compression(gqa, kv_lora_rank=None, qk_rope_dim=None, kv_ratio=None, freqfold=None) -> dict:
+    """Compressed-mode settings with the reference's defaults (R = 512, D = 64) clamped to the model;
+    explicit values out of range are errors. Returns rank, rope_dim, freqfold and notes for the user."""
+    notes = []
+    width = 2 * gqa.kv_width
+    rope = qk_rope_dim if qk_rope_dim is not None else min(64, gqa.head_dim)
+    if qk_rope_dim is None and rope != 64:
+        notes.append(f"qk_rope_dim clamped to head_dim={rope}")
+    if kv_ratio is not None:
+        if not 0 < kv_ratio <= 1:
+            raise TransMLAError(f"--kv-ratio {kv_ratio} must be in (0, 1]: the fraction of the original KV cache to keep")
+        rank = int(round(kv_ratio * width)) - rope
+        if rank < 1:
+            raise TransMLAError(f"--kv-ratio {kv_ratio} leaves no latent beyond the {rope} rope dims: raise it")
+    elif kv_lora_rank is not None:
+        rank = kv_lora_rank
+    else:
+        rank = min(512, width - rope)
+        if rank != 512:
+            notes.append(f"kv_lora_rank clamped to 2 * num_kv_heads * head_dim - qk_rope_dim = {rank}")
+    fold = freqfold if freqfold is not None else max(1, gqa.head_dim // rope)
+    return {"kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold, "notes": notes}
+
+
+def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite: bool = False,
+            max_shard_size: str | int = "2GB", progress: bool = True, kv_lora_rank: int | None = None,
+            qk_rope_dim: int | None = None, kv_ratio: float | None = None, freqfold: int | None = None,
+            calib: list[str] | None = None, calib_seq_len: int = 256, calib_tokens: int = 32768) -> Path:
     """Convert the checkpoint at `src` into an MLA checkpoint at `dst`; returns `dst`.
 
-    Reads one layer at a time; holds at most one layer plus one output shard in memory.
+    mode "exact": same function, same cache. mode "compressed": RoRoPE + FreqFold + balanced K/V PCA to
+    a latent of kv_lora_rank + qk_rope_dim, calibrated on `calib` files (the shipped text by default).
+    Reads one layer at a time; holds at most one layer, the calibration activations and one output shard.
     """
     src, dst = Path(src), Path(dst)
-    if mode != "exact":
-        raise TransMLAError(f"unknown mode {mode!r}: use --mode exact")
+    compressing = any(v is not None for v in (kv_lora_rank, qk_rope_dim, kv_ratio, freqfold))
+    mode = mode or ("compressed" if compressing else "exact")
+    if mode == "exact" and compressing:
+        raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold need --mode compressed "
+                            "(exact mode keeps the full K and V)")
+    if mode not in ("exact", "compressed"):
+        raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
     source = open_source(src)
     check_destination(src, dst, overwrite)
-    mla_shape = exact_mla_shape(source.gqa)
-    config = mla_config(source, mla_shape, {"mode": mode})
+    runner = None
+    if mode == "exact":
+        mla_shape, settings = exact_mla_shape(source.gqa), {"mode": mode}
+
+        def attention_fn(layer, q, k, v, qb, kb, vb):
+            return exact_attention(source.gqa, q, k, v, qb, kb, vb)
+    else:
+        from .calibration import LayerByLayer, calibration_tokens, read_calibration_texts
+        from .compress import compressed_attention, compressed_mla_shape
+
+        chosen = resolve_compression(source.gqa, kv_lora_rank, qk_rope_dim, kv_ratio, freqfold)
+        for note in chosen["notes"]:
+            print(f"transmla: {note} (the model is smaller than the defaults assume)", file=sys.stderr)
+        rank, rope, fold = chosen["kv_lora_rank"], chosen["qk_rope_dim"], chosen["freqfold"]
+        mla_shape = compressed_mla_shape(source.gqa, rank, rope, fold)  # validates the shape
+        compressed_attention_check(source.gqa, rank, rope)
+        tokens = calibration_tokens(source, calib, calib_seq_len, calib_tokens)
+        settings = {"mode": mode, "kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold,
+                    "calibration_files": read_calibration_texts(calib)[1],
+                    "calibration_tokens": int(tokens.numel()), "calibration_seq_len": calib_seq_len}
+        runner = LayerByLayer(source, tokens)
+
+        def attention_fn(layer, q, k, v, qb, kb, vb):
+            tensors = compressed_attention(source.gqa, rank, rope, fold, runner.stats(layer), q, k, v, qb, kb, vb)
+            runner.advance(layer)
+            return tensors
+    config = mla_config(source, mla_shape, settings)
     window = config.transmla["source_sliding_window"]
     if window:
         print(f"transmla: the source uses a sliding window of {window} tokens; the MLA model attends to the "
@@ -123,7 +179,7 @@ def convert(src: str | Path, dst: str | Path, mode: str = "exact", overwrite: bo
             writer.add(name, source.weights.get(name))
         for layer in tqdm(range(source.num_layers), desc="converting layers", unit="layer",
                           disable=not progress):
-            for name, tensor in sorted(_convert_layer_attention(source, layer, mode).items()):
+            for name, tensor in sorted(_convert_layer_attention(source, layer, attention_fn).items()):
                 writer.add(name, tensor)
             for name in sorted(by_layer.get(layer, [])):
                 local = name.split(f"layers.{layer}.", 1)[1]
@@ -136,6 +192,13 @@ def convert(src: str | Path, dst: str | Path, mode: str = "exact", overwrite: bo
         config.save_pretrained(tmp)
         copy_side_files(src, tmp)
     return dst
+
+
+def compressed_attention_check(gqa, rank: int, rope: int) -> None:
+    max_rank = 2 * gqa.kv_width - rope
+    if not 0 < rank <= max_rank:
+        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: it must be in 1..{max_rank} "
+                            f"(2 * num_kv_heads * head_dim - qk_rope_dim) for this model")
 
 
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:

@@ -74,14 +74,21 @@ class LatentAttention(nn.Module):
             [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.kv_a_layernorm is not None:
             c_kv = self.kv_a_layernorm(c_kv)
-        # Rope through forward_native on contiguous 2-D inputs: vLLM 0.32's CPU rotary op is wrong for
-        # 3-D [T, H, D] and non-contiguous inputs, which is what the slices above are.
-        q_pe, k_pe = self.rotary_emb.forward_native(positions, q_pe.reshape(tokens, -1).contiguous(),
-                                                    k_pe.contiguous())
-        q = torch.cat([q_nope, q_pe.view(tokens, self.num_heads, self.qk_rope_head_dim)], dim=-1)
+        q_pe, k_pe = rotate_rope_dims(self.rotary_emb, positions, q_pe, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1)
         out = self.mla_attn(q, c_kv.contiguous(), k_pe.view(tokens, 1, self.qk_rope_head_dim),
                             output_shape=(tokens, self.num_heads * self.v_head_dim))
         return self.o_proj(out)[0]
+
+
+def rotate_rope_dims(rotary_emb, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor):
+    """RoPE on q_pe [T, H, D] and k_pe [T, D] (possibly non-contiguous slices), in blocks of the rotary
+    embedding's head size. Goes through `forward_native` on contiguous 2-D tensors: vLLM 0.32's CPU
+    rotary custom op is wrong for 3-D [T, H, D] and for non-contiguous inputs - what MLA slices are."""
+    tokens, heads, width = q_pe.shape
+    q_rot, k_rot = rotary_emb.forward_native(positions, q_pe.reshape(tokens, heads * width).contiguous(),
+                                             k_pe.contiguous())
+    return q_rot.view(tokens, heads, width), k_rot
 
 
 def _rope_parameters(config) -> dict:

@@ -1,0 +1,109 @@
+"""Compressed conversion: RoRoPE + FreqFold + balanced K/V joint PCA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from vllm_transmla.convert.pipeline import convert
+from vllm_transmla.errors import TransMLAError
+from vllm_transmla.tiny import TINY_MODELS
+
+
+def _logits(path, tokens):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    torch.manual_seed(0)
+    return torch.randint(3, 384, (2, 48))
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_full_rank_reproduces_exact(name, tiny_sources, exact_converted, tokens, tmp_path):
+    """R = 2 * n_kv * head_dim - D with every key dim roped (D = n_kv * head_dim) and freqfold 1: the
+    rotation, balancing, PCA and query absorption are all exact, so logits equal the exact model's."""
+    config = json.loads((tiny_sources[name] / "config.json").read_text())
+    kv_width = config["num_key_value_heads"] * config["head_dim"]
+    dst = convert(tiny_sources[name], tmp_path / "full", mode="compressed", kv_lora_rank=kv_width,
+                  qk_rope_dim=kv_width, freqfold=1, calib_seq_len=64, progress=False)
+    exact, full = _logits(exact_converted[name], tokens), _logits(dst, tokens)
+    assert (exact - full).abs().max().item() < 1e-3
+
+
+def _make_low_rank(path, value_rank: int = 8):
+    """Give a 2-KV-head source the structure compression should find: both KV heads share their keys
+    (so one rope component per frequency carries all key information) and values have rank 8."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(1)
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name.endswith("k_proj.weight"):
+                half = t.shape[0] // 2
+                t[half:] = t[:half]
+            elif name.endswith("v_proj.weight"):
+                a = torch.randn(t.shape[0], value_rank, generator=gen) * 0.3
+                b = torch.randn(value_rank, t.shape[1], generator=gen) * 0.3
+                tensors[name] = a @ b
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name", ["llama-rope3", "mixtral"])
+def test_lossless_when_the_source_has_the_structure(name, tmp_path, tokens):
+    """Latent 8 + 32 (31% of the 128-value cache): RoRoPE finds that the second KV head's keys repeat the
+    first's and keeps all key information in 32 rope dims; the joint PCA finds the rank-8 values. The
+    compressed model then equals the source; a compressed model of the unstructured source does not."""
+    from vllm_transmla.tiny import build_tiny_model
+
+    structured = build_tiny_model(name, tmp_path / "src")
+    _make_low_rank(structured)
+    dst = convert(structured, tmp_path / "mla", kv_lora_rank=8, qk_rope_dim=32, freqfold=1, calib_seq_len=64,
+                  progress=False)
+    config = json.loads((dst / "config.json").read_text())
+    assert (config["kv_lora_rank"], config["qk_rope_head_dim"], config["qk_nope_head_dim"]) == (8, 32, 32)
+    diff = (_logits(structured, tokens) - _logits(dst, tokens)).abs().max().item()
+    assert diff < 1e-3, diff
+
+    plain = build_tiny_model(name, tmp_path / "plain")
+    lossy = convert(plain, tmp_path / "lossy", kv_lora_rank=8, qk_rope_dim=32, freqfold=1, calib_seq_len=64,
+                    progress=False)
+    assert (_logits(plain, tokens) - _logits(lossy, tokens)).abs().max().item() > 100 * diff
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(kv_lora_rank=10_000), r"kv-lora-rank 10000 is out of range"),
+    (dict(kv_lora_rank=32, qk_rope_dim=7), r"qk-rope-dim 7 must be a positive even"),
+    (dict(kv_lora_rank=32, qk_rope_dim=48), r"multiple of head_dim"),
+    (dict(kv_lora_rank=32, qk_rope_dim=16, freqfold=3), r"freqfold 3"),
+    (dict(kv_ratio=1.5), r"kv-ratio 1.5 must be in"),
+    (dict(kv_lora_rank=32, calib_seq_len=100_000), r"calibration text has \d+ tokens"),
+])
+def test_bad_compression_settings(kwargs, pattern, tiny_sources, tmp_path):
+    with pytest.raises(TransMLAError, match=pattern):
+        convert(tiny_sources["llama-rope3"], tmp_path / "out", mode="compressed", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_calibration_runs_the_original_layers(name, tiny_sources):
+    """Layer-by-layer calibration reproduces the original model's hidden states (transformers forward)."""
+    from vllm_transmla.convert.calibration import LayerByLayer
+    from vllm_transmla.convert.source import open_source
+
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 384, (3, 40))
+    runner = LayerByLayer(open_source(tiny_sources[name]), tokens, batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_sources[name], dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    assert torch.allclose(runner.hidden, hidden[0], atol=1e-6)
+    runner.advance(0)
+    assert (runner.hidden - hidden[1]).abs().max().item() < 1e-4

@@ -1,0 +1,76 @@
+"""The vLLM plugin: entry point, cheap re-entrant registration, MLA switch, rotary-trap immunity."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+
+def test_entry_point_declared():
+    eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert eps.get("transmla") == "vllm_transmla:register"
+
+
+def test_register_is_lazy_and_reentrant():
+    """In a fresh process: registering twice works, model classes are registered as strings and not
+    imported, and our model_types switch vLLM's MLA path on."""
+    code = r"""
+import sys, pickle
+import vllm_transmla
+vllm_transmla.register(); vllm_transmla.register()
+from vllm import ModelRegistry
+from vllm.transformers_utils.model_arch_config_convertor import MODEL_ARCH_CONFIG_CONVERTORS as C
+assert {"LlamaMLAForCausalLM", "Qwen2MLAForCausalLM", "MixtralMLAForCausalLM"} <= set(ModelRegistry.get_supported_archs())
+assert "vllm_transmla.serving.models" not in sys.modules, "model classes imported at plugin load"
+assert {C[t].__name__ for t in ("llama_mla", "qwen2_mla", "mixtral_mla")} == {"TransMLAArchConfigConvertor"}
+pickle.loads(pickle.dumps(C["llama_mla"]))
+from vllm_transmla.hf.configuration import LlamaMLAConfig
+cfg = LlamaMLAConfig(num_attention_heads=4, hidden_size=64, kv_lora_rank=48, qk_rope_head_dim=16)
+conv = C["llama_mla"](cfg, cfg)
+assert conv.is_deepseek_mla() and conv.get_head_size() == 64
+print("OK")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("blocks,interleave", [(1, False), (2, False), (1, True)])
+def test_rope_on_noncontiguous_slices_matches_transformers(blocks, interleave):
+    """Our vLLM layers rotate slices of q and of the latent (3-D, non-contiguous) exactly as the
+    transformers classes do, with llama3 scaling, whatever vLLM's CPU rotary op would do."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from vllm_transmla.hf.attention import apply_block_rope, rope_config
+    from vllm_transmla.hf.configuration import LlamaMLAConfig
+    from vllm_transmla.serving.attention import rotate_rope_dims
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    config = LlamaMLAConfig(hidden_size=64, num_attention_heads=4, kv_lora_rank=24, qk_rope_head_dim=32,
+                            qk_nope_head_dim=8, qk_rope_num_blocks=blocks, rope_interleave=interleave,
+                            rope_parameters=rope, max_position_embeddings=256)
+    tokens, heads, width = 40, 4, 32
+    q = torch.randn(tokens, heads, 8 + width)
+    latent = torch.randn(tokens, 24 + width)
+    q_pe, k_pe = q[..., 8:], latent[:, 24:]  # non-contiguous views, as in the model
+    positions = torch.arange(tokens) + 3
+    with set_current_vllm_config(VllmConfig()):
+        vllm_rope = get_rope(width // blocks, max_position=256, is_neox_style=not interleave, rope_parameters=rope,
+                             dtype=torch.float32)
+    got_q, got_k = rotate_rope_dims(vllm_rope, positions, q_pe, k_pe)
+
+    cos, sin = LlamaRotaryEmbedding(rope_config(config))(q, positions[None])
+    want_q = apply_block_rope(q_pe[None], cos, sin, blocks, interleave)[0]
+    want_k = apply_block_rope(k_pe[None, :, None], cos, sin, blocks, interleave)[0, :, 0]
+    if interleave:  # transformers permutes interleaved pairs to neox order; compare dot products instead
+        assert torch.allclose(torch.einsum("thd,sd->ths", got_q, got_k),
+                              torch.einsum("thd,sd->ths", want_q, want_k), atol=1e-4)
+    else:
+        assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5)

@@ -1,0 +1,136 @@
+"""Calibration streamed layer by layer: the original layers run once over the calibration tokens,
+keeping only the current layer's input hidden states, so peak memory is about one layer plus the
+activations [num_sequences, seq_len, hidden] - a model larger than memory still converts."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import TransMLAError
+from .compress import LayerStats
+from .source import Source
+
+DEFAULT_CALIBRATION = "genesis_kjv.txt"
+
+
+def read_calibration_texts(files: list[str | Path] | None) -> tuple[list[str], list[str]]:
+    """Texts from plain-text or jsonl files (a "text" field per line); the shipped text by default."""
+    if not files:
+        return [resources.files("vllm_transmla.data").joinpath(DEFAULT_CALIBRATION).read_text()], [
+            f"vllm_transmla/data/{DEFAULT_CALIBRATION}"]
+    texts = []
+    for f in map(Path, files):
+        if not f.is_file():
+            raise TransMLAError(f"calibration file {f} does not exist: pass --calib with a text or jsonl file")
+        raw = f.read_text(errors="replace")
+        if f.suffix == ".jsonl":
+            try:
+                texts += [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise TransMLAError(f"{f} is not jsonl with a \"text\" field on every line ({err}): fix it "
+                                    f"or pass a plain-text file") from None
+        else:
+            texts.append(raw)
+    return texts, [str(f) for f in files]
+
+
+def calibration_tokens(source: Source, files, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """[num_sequences, seq_len] token ids packed from the calibration texts."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    except Exception as err:
+        raise TransMLAError(f"cannot load the tokenizer of {source.path} ({str(err).splitlines()[0]}): "
+                            f"compressed conversion tokenizes calibration text; add the tokenizer files") from None
+    texts, _ = read_calibration_texts(files)
+    ids = [t for text in texts if text.strip() for t in tokenizer(text, add_special_tokens=False).input_ids]
+    if len(ids) < seq_len:
+        raise TransMLAError(f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}: "
+                            f"pass --calib with more text or a smaller --calib-seq-len")
+    n = min(len(ids), max_tokens) // seq_len
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+class LayerByLayer:
+    """Runs the source model's decoder layers one at a time over calibration hidden states."""
+
+    def __init__(self, source: Source, tokens: torch.Tensor, batch_size: int = 8):
+        spec = source.family.calibration
+        module = importlib.import_module(spec["module"])
+        self.layer_cls = getattr(module, spec["decoder_layer"])
+        self.source, self.batch_size = source, batch_size
+        self.config = source.config
+        self.config._attn_implementation = "sdpa"
+        embed = source.weights.get("model.embed_tokens.weight").float()
+        self.hidden = embed[tokens]  # [num_sequences, seq_len, hidden]
+        del embed
+        rotary = getattr(module, spec["rotary_embedding"])(config=self.config)
+        positions = torch.arange(tokens.shape[1])[None]
+        self.cos_sin = rotary(self.hidden[:1], positions)
+
+    def stats(self, layer: int) -> LayerStats:
+        """Keys and values (pre-rope, with bias) of `layer` over all calibration tokens."""
+        fam, w = self.source.family, self.source.weights
+        x = self.hidden.reshape(-1, self.hidden.shape[-1])
+
+        def project(role):
+            base = fam.attn_name(role, layer)
+            out = x @ w.get(base + ".weight").float().T
+            return out + w.get(base + ".bias").float() if base + ".bias" in w else out
+
+        keys, values = project("k_proj"), project("v_proj")
+        k64 = keys.double()
+        return LayerStats(key_cov=k64.T @ k64, keys=keys, values=values)
+
+    def advance(self, layer: int) -> None:
+        """Replace the hidden states by the output of the original `layer`."""
+        module = self.layer_cls(self.config, layer).float().eval()
+        missing, unexpected = module.load_state_dict(self._layer_state(layer), strict=False)
+        if missing or unexpected:
+            raise TransMLAError(f"layer {layer}: cannot run the original layer for calibration "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for i in range(0, self.hidden.shape[0], self.batch_size):
+                batch = self.hidden[i:i + self.batch_size]
+                cos, sin = (t.expand(batch.shape[0], -1, -1) for t in self.cos_sin)
+                out = module(batch, attention_mask=None, position_embeddings=(cos, sin))
+                self.hidden[i:i + self.batch_size] = out[0] if isinstance(out, tuple) else out
+
+    def _layer_state(self, layer: int) -> dict[str, torch.Tensor]:
+        prefix = f"model.layers.{layer}."
+        spec = self.source.family.calibration
+        state = {}
+        for name in self.source.weights.names():
+            if name.startswith(prefix):
+                local = name[len(prefix):]
+                for old, new in spec.get("rename", {}).items():
+                    local = local.replace(old, new)
+                state[local] = self.source.weights.get(name).float()
+        if spec.get("fused_experts"):
+            state = _fuse_experts(state)
+        return state
+
+
+def _fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert w1/w3/w2 -> transformers' fused experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I]."""
+    pattern = re.compile(r"^(.*experts)\.(\d+)\.(w[123])\.weight$")
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    fused = {}
+    for name, tensor in state.items():
+        m = pattern.match(name)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = tensor
+        else:
+            fused[name] = tensor
+    for base, by_index in experts.items():
+        order = sorted(by_index)
+        fused[f"{base}.gate_up_proj"] = torch.stack([torch.cat([by_index[e]["w1"], by_index[e]["w3"]]) for e in order])
+        fused[f"{base}.down_proj"] = torch.stack([by_index[e]["w2"] for e in order])
+    return fused

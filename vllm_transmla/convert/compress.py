@@ -1,0 +1,170 @@
+"""Compressed GQA -> MLA for one layer: RoRoPE + FreqFold, balanced K/V, one joint PCA.
+
+Notation: d = head_dim, n = num_kv_heads, H = query heads, D = qk_rope_head_dim, R = kv_lora_rank.
+Key coordinates of the source: head j, dim i; rotary pair i < d/2 is (i, i + d/2) (neox layout).
+
+RoRoPE: frequencies are grouped F at a time (FreqFold; F = 1 is exact). For each group, a PCA over its
+n * F components (head j, frequency offset s), with the two halves of every rotary pair as samples,
+gives an orthogonal U; applying the same U to both halves commutes with RoPE when the group's
+frequencies are equal. The top components of every group keep RoPE and become the D rope dims, laid
+out as B = max(1, D / d) blocks of D / B dims, each rotated like a head of that width (so rope pair p of
+a block has source frequency c * p, c = d * B / D). The rest of the key becomes NoPE.
+
+Balanced K/V + joint PCA: K_nope is divided by ratio = mean|K_nope| / mean|V| so neither dominates, then
+one PCA of [K_nope / ratio ; V] over the calibration tokens gives the latent basis P (R columns):
+kv_a_proj_with_mqa = [P^T [W_k_nope / ratio ; W_v] ; W_k_rope], kv_b_proj = per head
+[M_h,nope * ratio * P_k ; P_v,head], and each query head absorbs the rope part of its key
+up-projection (q_pe_h = M_h,rope^T q_h). Biases ride along linearly. With R = 2 n d - D, D = n d and
+F = 1 this is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TransMLAError
+from .geometry import GQAShape, MLAShape
+
+
+@dataclass(frozen=True)
+class RopePlan:
+    """Where RoRoPE puts things: B blocks of `block_dim`, frequency step c, FreqFold F."""
+
+    blocks: int
+    block_dim: int
+    step: int  # c: rope pair p of a block has source frequency c * p
+    freqfold: int
+
+    @property
+    def kept_per_group(self) -> int:
+        return self.blocks * self.freqfold // self.step
+
+
+def plan_rope(gqa: GQAShape, rope_dim: int, freqfold: int) -> RopePlan:
+    d, n = gqa.head_dim, gqa.num_kv_heads
+    if rope_dim <= 0 or rope_dim % 2:
+        raise TransMLAError(f"--qk-rope-dim {rope_dim} must be a positive even number")
+    if rope_dim <= d:
+        blocks = 1
+    elif rope_dim % d == 0 and rope_dim // d <= n:
+        blocks = rope_dim // d
+    else:
+        raise TransMLAError(f"--qk-rope-dim {rope_dim}: above head_dim={d} it must be a multiple of head_dim "
+                            f"up to num_kv_heads * head_dim = {n * d}")
+    block_dim = rope_dim // blocks
+    if d % block_dim:
+        raise TransMLAError(f"--qk-rope-dim {rope_dim} must divide head_dim={d} (or be a multiple of it)")
+    step = d // block_dim
+    if freqfold % step or (d // 2) % freqfold:
+        raise TransMLAError(f"--freqfold {freqfold} must be a multiple of head_dim / qk_rope_dim = {step} and "
+                            f"divide head_dim / 2 = {d // 2}")
+    return RopePlan(blocks, block_dim, step, freqfold)
+
+
+def _group_indices(gqa: GQAShape, group: int, freqfold: int) -> tuple[list[int], list[int]]:
+    """Source key rows of the x and y halves of group `group`'s n * F components (head-major)."""
+    d = gqa.head_dim
+    xs = [j * d + group * freqfold + s for j in range(gqa.num_kv_heads) for s in range(freqfold)]
+    return xs, [x + d // 2 for x in xs]
+
+
+def rorope_rotation(key_cov: torch.Tensor, gqa: GQAShape, plan: RopePlan) -> torch.Tensor:
+    """Orthogonal T [n*d, n*d] (float64): K' = T K has the D rope dims first (block layout), then NoPE.
+
+    key_cov [n*d, n*d]: sum over calibration tokens of K K^T (float64, pre-rope keys incl. bias).
+    """
+    d, width = gqa.head_dim, gqa.kv_width
+    groups = d // 2 // plan.freqfold
+    pairs_per_group = plan.freqfold // plan.step  # rope pairs of one block that a group feeds
+    half = plan.block_dim // 2
+    rope_rows, nope_rows = {}, []
+    for g in range(groups):
+        xs, ys = _group_indices(gqa, g, plan.freqfold)
+        cov = key_cov[xs][:, xs] + key_cov[ys][:, ys]  # both halves of each pair are samples
+        cov = cov + 0.01 * cov.diagonal().mean() * torch.eye(len(xs), dtype=cov.dtype)
+        values, vectors = torch.linalg.eigh(cov)
+        vectors = vectors[:, values.argsort(descending=True)]
+        for r in range(len(xs)):
+            x_row, y_row = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+            x_row[xs], y_row[ys] = vectors[:, r], vectors[:, r]
+            if r < plan.kept_per_group:
+                block, pair = divmod(r, pairs_per_group)
+                pair += g * pairs_per_group
+                rope_rows[block * plan.block_dim + pair] = x_row
+                rope_rows[block * plan.block_dim + half + pair] = y_row
+            else:
+                nope_rows += [x_row, y_row]
+    rows = [rope_rows[i] for i in range(plan.blocks * plan.block_dim)] + nope_rows
+    return torch.stack(rows)
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one layer (float64 sums over tokens)."""
+
+    key_cov: torch.Tensor  # [n*d, n*d] sum K K^T
+    keys: torch.Tensor  # [N, n*d] keys (pre-rope, with bias), float32
+    values: torch.Tensor  # [N, n*d]
+
+
+def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int, stats: LayerStats,
+                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bias=None, k_bias=None,
+                         v_bias=None) -> dict[str, torch.Tensor]:
+    """MLA tensors of one layer (see the module docstring); shapes as in exact.py, with
+    qk_nope_head_dim = v_head_dim = d and q_proj [H * (d + D), hidden]."""
+    plan = plan_rope(gqa, rope_dim, freqfold)
+    d, n, width, heads = gqa.head_dim, gqa.num_kv_heads, gqa.kv_width, gqa.num_heads
+    max_rank = 2 * width - rope_dim
+    if not 0 < rank <= max_rank:
+        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: it must be in 1..{max_rank} "
+                            f"(2 * num_kv_heads * head_dim - qk_rope_dim) for this model")
+    out_dtype = q.dtype
+    f64 = torch.float64
+    rot = rorope_rotation(stats.key_cov, gqa, plan)  # [n*d, n*d]
+    q, k, v = q.to(f64), k.to(f64), v.to(f64)
+    zeros = torch.zeros(width, dtype=f64)
+    kb = k_bias.to(f64) if k_bias is not None else zeros
+    vb = v_bias.to(f64) if v_bias is not None else zeros
+    k_rot, kb_rot = rot @ k, rot @ kb
+
+    # Balanced K/V, then one joint PCA of [K_nope / ratio ; V] over the calibration tokens.
+    keys_rot = stats.keys.to(f64) @ rot.T
+    k_nope_tokens, v_tokens = keys_rot[:, rope_dim:], stats.values.to(f64)
+    ratio = (k_nope_tokens.norm(dim=-1).mean() / v_tokens.norm(dim=-1).mean().clamp_min(1e-12)).clamp_min(1e-6)
+    joint = torch.cat([k_nope_tokens / ratio, v_tokens], dim=-1)
+    values, vectors = torch.linalg.eigh(joint.T @ joint)
+    basis = vectors[:, values.argsort(descending=True)[:rank]]  # P [2nd - D, R]
+    basis_k, basis_v = basis[: width - rope_dim], basis[width - rope_dim:]
+
+    kv_a = torch.cat([basis.T @ torch.cat([k_rot[rope_dim:] / ratio, v]), k_rot[:rope_dim]])
+    kv_a_bias = torch.cat([basis.T @ torch.cat([kb_rot[rope_dim:] / ratio, vb]), kb_rot[:rope_dim]])
+
+    q_rows, q_bias_rows, kv_b_rows = [], [], []
+    for h in range(heads):
+        g = h // gqa.group_size
+        m_h = rot[:, g * d:(g + 1) * d].T  # [d, n*d]: k_head = m_h K'
+        q_h = q[h * d:(h + 1) * d]
+        q_rows += [q_h, m_h[:, :rope_dim].T @ q_h]
+        if q_bias is not None:
+            qb_h = q_bias.to(f64)[h * d:(h + 1) * d]
+            q_bias_rows += [qb_h, m_h[:, :rope_dim].T @ qb_h]
+        kv_b_rows += [m_h[:, rope_dim:] @ (ratio * basis_k), basis_v[g * d:(g + 1) * d]]
+
+    tensors = {
+        "q_proj.weight": torch.cat(q_rows),
+        "kv_a_proj_with_mqa.weight": kv_a,
+        "kv_b_proj.weight": torch.cat(kv_b_rows),
+    }
+    if q_bias is not None:
+        tensors["q_proj.bias"] = torch.cat(q_bias_rows)
+    if k_bias is not None or v_bias is not None:
+        tensors["kv_a_proj_with_mqa.bias"] = kv_a_bias
+    return {name: t.to(out_dtype).contiguous() for name, t in tensors.items()}
+
+
+def compressed_mla_shape(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int) -> MLAShape:
+    plan = plan_rope(gqa, rope_dim, freqfold)
+    return MLAShape(kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=gqa.head_dim,
+                    v_head_dim=gqa.head_dim, qk_rope_num_blocks=plan.blocks)
