@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(PY) -m vllm_transmla.cli demo --workdir demo_out
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check vllm_transmla tests benchmarks
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -66,7 +66,8 @@ CASES = {
     "no config": (lambda s: (s / "config.json").unlink(), r"no config.json"),
     "config not json": (lambda s: (s / "config.json").write_text("{oops"), r"not valid JSON"),
     "only pytorch bin weights": (lambda s: [p.rename(p.with_suffix(".bin")) for p in _shards(s)]
-                                 + [(s / "model.safetensors.index.json").unlink()], r"no safetensors.*safe_serialization"),
+                                 + [(s / "model.safetensors.index.json").unlink()],
+                                 r"no safetensors.*safe_serialization"),
     "index lists absent tensor": (lambda s: (s / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {**json.loads((s / "model.safetensors.index.json").read_text())["weight_map"],
                         "model.extra.weight": _shards(s)[0].name}})), r"index and the shards are from different"),

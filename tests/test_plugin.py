@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -25,7 +24,8 @@ import vllm_transmla
 vllm_transmla.register(); vllm_transmla.register()
 from vllm import ModelRegistry
 from vllm.transformers_utils.model_arch_config_convertor import MODEL_ARCH_CONFIG_CONVERTORS as C
-assert {"LlamaMLAForCausalLM", "Qwen2MLAForCausalLM", "MixtralMLAForCausalLM"} <= set(ModelRegistry.get_supported_archs())
+ours = {"LlamaMLAForCausalLM", "Qwen2MLAForCausalLM", "MixtralMLAForCausalLM"}
+assert ours <= set(ModelRegistry.get_supported_archs())
 assert "vllm_transmla.serving.models" not in sys.modules, "model classes imported at plugin load"
 assert {C[t].__name__ for t in ("llama_mla", "qwen2_mla", "mixtral_mla")} == {"TransMLAArchConfigConvertor"}
 pickle.loads(pickle.dumps(C["llama_mla"]))

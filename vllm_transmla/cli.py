@@ -44,6 +44,14 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluate import perplexity
+
+    result = perplexity(args.model, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    print(json.dumps({"model": str(args.model), "text": str(args.text), **result}, indent=2))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import main as demo_main
 
@@ -76,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a checkpoint's MLA shape and KV bytes per token")
     p.add_argument("model")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (transformers)")
+    p.add_argument("model")
+    p.add_argument("--text", required=True, help="plain-text file")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="build a small model, convert it and compare the two")
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its models")

@@ -35,6 +35,11 @@ def sample_text() -> str:
 
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE tokenizer trained on the shipped sample text (deterministic)."""
+    return train_bpe_tokenizer(sample_text().splitlines(), vocab_size)
+
+
+def train_bpe_tokenizer(lines: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (transformers fast tokenizer) trained on `lines`, with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +48,7 @@ def build_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(sample_text().splitlines(), trainer)
+    tok.train_from_iterator(lines, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -16,7 +16,8 @@ from ..errors import TransMLAError
 from .compress import LayerStats
 from .source import Source
 
-DEFAULT_CALIBRATION = "genesis_kjv.txt"
+# Proverbs and Mark (King James Version, public domain): never part of the held-out evaluation text.
+DEFAULT_CALIBRATION = "kjv_calibration.txt"
 
 
 def read_calibration_texts(files: list[str | Path] | None) -> tuple[list[str], list[str]]:
@@ -40,8 +41,8 @@ def read_calibration_texts(files: list[str | Path] | None) -> tuple[list[str], l
     return texts, [str(f) for f in files]
 
 
-def calibration_tokens(source: Source, files, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """[num_sequences, seq_len] token ids packed from the calibration texts."""
+def calibration_tokens(source: Source, files, seq_len: int, max_tokens: int) -> tuple[torch.Tensor, list[str]]:
+    """[num_sequences, seq_len] token ids packed from the calibration texts, and the texts' names."""
     from transformers import AutoTokenizer
 
     try:
@@ -49,13 +50,13 @@ def calibration_tokens(source: Source, files, seq_len: int, max_tokens: int) -> 
     except Exception as err:
         raise TransMLAError(f"cannot load the tokenizer of {source.path} ({str(err).splitlines()[0]}): "
                             f"compressed conversion tokenizes calibration text; add the tokenizer files") from None
-    texts, _ = read_calibration_texts(files)
+    texts, names = read_calibration_texts(files)
     ids = [t for text in texts if text.strip() for t in tokenizer(text, add_special_tokens=False).input_ids]
     if len(ids) < seq_len:
         raise TransMLAError(f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}: "
                             f"pass --calib with more text or a smaller --calib-seq-len")
     n = min(len(ids), max_tokens) // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len), names
 
 
 class LayerByLayer:

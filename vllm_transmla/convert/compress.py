@@ -115,11 +115,8 @@ def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int,
     """MLA tensors of one layer (see the module docstring); shapes as in exact.py, with
     qk_nope_head_dim = v_head_dim = d and q_proj [H * (d + D), hidden]."""
     plan = plan_rope(gqa, rope_dim, freqfold)
-    d, n, width, heads = gqa.head_dim, gqa.num_kv_heads, gqa.kv_width, gqa.num_heads
-    max_rank = 2 * width - rope_dim
-    if not 0 < rank <= max_rank:
-        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: it must be in 1..{max_rank} "
-                            f"(2 * num_kv_heads * head_dim - qk_rope_dim) for this model")
+    check_rank(gqa, rank, rope_dim)
+    d, width, heads = gqa.head_dim, gqa.kv_width, gqa.num_heads
     out_dtype = q.dtype
     f64 = torch.float64
     rot = rorope_rotation(stats.key_cov, gqa, plan)  # [n*d, n*d]
@@ -164,7 +161,16 @@ def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int,
     return {name: t.to(out_dtype).contiguous() for name, t in tensors.items()}
 
 
+def check_rank(gqa: GQAShape, rank: int, rope_dim: int) -> None:
+    max_rank = 2 * gqa.kv_width - rope_dim
+    if not 0 < rank <= max_rank:
+        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: it must be in 1..{max_rank} "
+                            f"(2 * num_kv_heads * head_dim - qk_rope_dim) for this model")
+
+
 def compressed_mla_shape(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int) -> MLAShape:
+    """The MLA shape of a compressed conversion; raises TransMLAError for illegal settings."""
     plan = plan_rope(gqa, rope_dim, freqfold)
+    check_rank(gqa, rank, rope_dim)
     return MLAShape(kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=gqa.head_dim,
                     v_head_dim=gqa.head_dim, qk_rope_num_blocks=plan.blocks)

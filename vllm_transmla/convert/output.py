@@ -68,7 +68,8 @@ def atomic_directory(dst: Path, overwrite: bool):
         yield tmp
         if dst.exists():
             if not overwrite:
-                raise TransMLAError(f"destination {dst} appeared during the conversion: choose a new path or pass --overwrite")
+                raise TransMLAError(f"destination {dst} appeared during the conversion: "
+                                     f"choose a new path or pass --overwrite")
             backup = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}-old"
             dst.rename(backup)
             tmp.rename(dst)

@@ -95,12 +95,20 @@ def resolve_compression(gqa, kv_lora_rank=None, qk_rope_dim=None, kv_ratio=None,
     explicit values out of range are errors. Returns rank, rope_dim, freqfold and notes for the user."""
     notes = []
     width = 2 * gqa.kv_width
-    rope = qk_rope_dim if qk_rope_dim is not None else min(64, gqa.head_dim)
-    if qk_rope_dim is None and rope != 64:
-        notes.append(f"qk_rope_dim clamped to head_dim={rope}")
+    if qk_rope_dim is not None:
+        rope = qk_rope_dim
+    else:
+        # 64 as the reference, at most head_dim and at most half of a --kv-ratio budget; a legal width
+        # (even, dividing head_dim) so one rope block serves.
+        budget = int(round(kv_ratio * width)) if kv_ratio is not None else width
+        limit = min(64, gqa.head_dim, max(2, budget // 2))
+        rope = max(r for r in range(2, limit + 1, 2) if gqa.head_dim % r == 0)
+        if rope != 64:
+            notes.append(f"qk_rope_dim set to {rope} (64 needs head_dim >= 64 and room in the budget)")
     if kv_ratio is not None:
         if not 0 < kv_ratio <= 1:
-            raise TransMLAError(f"--kv-ratio {kv_ratio} must be in (0, 1]: the fraction of the original KV cache to keep")
+            raise TransMLAError(f"--kv-ratio {kv_ratio} must be in (0, 1]: "
+                                f"the fraction of the original KV cache to keep")
         rank = int(round(kv_ratio * width)) - rope
         if rank < 1:
             raise TransMLAError(f"--kv-ratio {kv_ratio} leaves no latent beyond the {rope} rope dims: raise it")
@@ -134,25 +142,23 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
         raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
     source = open_source(src)
     check_destination(src, dst, overwrite)
-    runner = None
     if mode == "exact":
         mla_shape, settings = exact_mla_shape(source.gqa), {"mode": mode}
 
         def attention_fn(layer, q, k, v, qb, kb, vb):
             return exact_attention(source.gqa, q, k, v, qb, kb, vb)
     else:
-        from .calibration import LayerByLayer, calibration_tokens, read_calibration_texts
+        from .calibration import LayerByLayer, calibration_tokens
         from .compress import compressed_attention, compressed_mla_shape
 
         chosen = resolve_compression(source.gqa, kv_lora_rank, qk_rope_dim, kv_ratio, freqfold)
         for note in chosen["notes"]:
-            print(f"transmla: {note} (the model is smaller than the defaults assume)", file=sys.stderr)
+            print(f"transmla: {note}", file=sys.stderr)
         rank, rope, fold = chosen["kv_lora_rank"], chosen["qk_rope_dim"], chosen["freqfold"]
-        mla_shape = compressed_mla_shape(source.gqa, rank, rope, fold)  # validates the shape
-        compressed_attention_check(source.gqa, rank, rope)
-        tokens = calibration_tokens(source, calib, calib_seq_len, calib_tokens)
+        mla_shape = compressed_mla_shape(source.gqa, rank, rope, fold)  # validates the settings
+        tokens, calib_names = calibration_tokens(source, calib, calib_seq_len, calib_tokens)
         settings = {"mode": mode, "kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold,
-                    "calibration_files": read_calibration_texts(calib)[1],
+                    "calibration_files": calib_names,
                     "calibration_tokens": int(tokens.numel()), "calibration_seq_len": calib_seq_len}
         runner = LayerByLayer(source, tokens)
 
@@ -167,7 +173,8 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
               f"whole context, which is the same function for sequences up to {window} tokens", file=sys.stderr)
 
     # Attention tensors are rebuilt; every other tensor is copied verbatim, layer by layer.
-    attn_prefixes = [source.family.attn_name(r, 0).split("layers.0.")[1] for r in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    attn_prefixes = [source.family.attn_name(r, 0).split("layers.0.")[1]
+                     for r in ("q_proj", "k_proj", "v_proj", "o_proj")]
     by_layer: dict[int | None, list[str]] = {}
     for name in source.weights.names():
         by_layer.setdefault(_layer_of(name), []).append(name)
@@ -192,13 +199,6 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
         config.save_pretrained(tmp)
         copy_side_files(src, tmp)
     return dst
-
-
-def compressed_attention_check(gqa, rank: int, rope: int) -> None:
-    max_rank = 2 * gqa.kv_width - rope
-    if not 0 < rank <= max_rank:
-        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: it must be in 1..{max_rank} "
-                            f"(2 * num_kv_heads * head_dim - qk_rope_dim) for this model")
 
 
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:

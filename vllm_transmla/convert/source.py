@@ -31,7 +31,8 @@ class Source:
 def read_raw_config(path: Path) -> dict:
     cfg_path = path / "config.json"
     if not path.is_dir():
-        raise TransMLAError(f"source {path} is not a directory: pass a checkpoint directory (config.json + *.safetensors)")
+        raise TransMLAError(f"source {path} is not a directory: "
+                            f"pass a checkpoint directory (config.json + *.safetensors)")
     if not cfg_path.is_file():
         raise TransMLAError(f"no config.json in {path}: pass a Hugging Face checkpoint directory")
     try:
@@ -53,7 +54,8 @@ def open_source(path: Path) -> Source:
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as err:  # transformers validates fields strictly
-        raise TransMLAError(f"config.json in {path} is invalid ({str(err).splitlines()[0]}): fix the named key") from None
+        raise TransMLAError(f"config.json in {path} is invalid ({str(err).splitlines()[0]}): "
+                            f"fix the named key") from None
     _check_config(config, family)
     weights = SourceCheckpoint(path)
     source = Source(path, raw, config, family, GQAShape.from_config(config), weights)

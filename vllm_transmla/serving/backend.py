@@ -78,7 +78,7 @@ def paged_latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     q [B, H, R + D] (latent query), kv_cache [num_blocks, block_size, R + D], block_table [B, max_blocks],
     seq_lens [B] -> out [B, H, R] = softmax(q . latent * scale) @ c_kv over each sequence's tokens.
     """
-    batch, block_size = q.shape[0], kv_cache.shape[1]
+    block_size = kv_cache.shape[1]
     max_len = int(seq_lens.max())
     blocks = block_table[:, : (max_len + block_size - 1) // block_size].long()
     latent = kv_cache[blocks].flatten(1, 2)[:, :max_len]  # [B, S, R + D]
