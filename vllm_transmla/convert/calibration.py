@@ -87,8 +87,8 @@ class LayerByLayer:
             return out + w.get(base + ".bias").float() if base + ".bias" in w else out
 
         keys, values = project("k_proj"), project("v_proj")
-        k64 = keys.double()
-        return LayerStats(key_cov=k64.T @ k64, keys=keys, values=values)
+        key_cov = sum(chunk.double().T @ chunk.double() for chunk in keys.split(4096))  # float64, chunked
+        return LayerStats(key_cov=key_cov, keys=keys, values=values)
 
     def advance(self, layer: int) -> None:
         """Replace the hidden states by the output of the original `layer`."""

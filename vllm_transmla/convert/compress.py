@@ -27,6 +27,8 @@ import torch
 from ..errors import TransMLAError
 from .geometry import GQAShape, MLAShape
 
+CHUNK = 4096  # calibration tokens per float64 block
+
 
 @dataclass(frozen=True)
 class RopePlan:
@@ -126,12 +128,18 @@ def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int,
     vb = v_bias.to(f64) if v_bias is not None else zeros
     k_rot, kb_rot = rot @ k, rot @ kb
 
-    # Balanced K/V, then one joint PCA of [K_nope / ratio ; V] over the calibration tokens.
-    keys_rot = stats.keys.to(f64) @ rot.T
-    k_nope_tokens, v_tokens = keys_rot[:, rope_dim:], stats.values.to(f64)
-    ratio = (k_nope_tokens.norm(dim=-1).mean() / v_tokens.norm(dim=-1).mean().clamp_min(1e-12)).clamp_min(1e-6)
-    joint = torch.cat([k_nope_tokens / ratio, v_tokens], dim=-1)
-    values, vectors = torch.linalg.eigh(joint.T @ joint)
+    # Balanced K/V, then one joint PCA of [K_nope / ratio ; V] over the calibration tokens. Sums run over
+    # token chunks so float64 temporaries stay small whatever the number of calibration tokens.
+    chunks = list(zip(stats.keys.split(CHUNK), stats.values.split(CHUNK)))
+    nope_rot = rot[rope_dim:].T  # [n*d, n*d - D]
+    k_norm = sum((kc.to(f64) @ nope_rot).norm(dim=-1).sum() for kc, _ in chunks)
+    v_norm = sum(vc.to(f64).norm(dim=-1).sum() for _, vc in chunks)
+    ratio = (k_norm / v_norm.clamp_min(1e-12)).clamp_min(1e-6)
+    cov = torch.zeros(2 * width - rope_dim, 2 * width - rope_dim, dtype=f64)
+    for kc, vc in chunks:
+        joint = torch.cat([(kc.to(f64) @ nope_rot) / ratio, vc.to(f64)], dim=-1)
+        cov += joint.T @ joint
+    values, vectors = torch.linalg.eigh(cov)
     basis = vectors[:, values.argsort(descending=True)[:rank]]  # P [2nd - D, R]
     basis_k, basis_v = basis[: width - rope_dim], basis[width - rope_dim:]
 

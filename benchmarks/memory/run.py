@@ -1,0 +1,97 @@
+"""Peak memory of a compressed conversion on a random Llama model much larger than the reference model.
+
+Builds the model (in its own process), then converts it in a fresh process and measures that process's
+peak resident memory above its resident memory after imports (`ru_maxrss`). The bound it is compared
+with is what the streamed design needs: two decoder layers + the embeddings + the calibration
+activations (hidden states of all calibration tokens) + one output shard. Writes JSON.
+
+    python benchmarks/memory/run.py            # ~2 minutes; writes benchmarks/memory/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+             num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024)
+CALIB_TOKENS, SEQ_LEN, SHARD = 16384, 256, "64MB"
+
+
+def build(path: str) -> None:
+    from vllm_transmla.tiny import build_tiny_model
+
+    build_tiny_model("llama-tied", path, max_shard_size="256MB", tie_word_embeddings=False, **SHAPE)
+
+
+def _rss_parts() -> dict:
+    """Current anonymous and file-backed resident memory of this process (bytes)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")}
+
+
+def measure(src: str, dst: str) -> dict:
+    import threading
+    import time
+
+    import vllm_transmla  # noqa: F401  (imports before the baseline)
+    from vllm_transmla.convert.pipeline import convert
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_anon = _rss_parts()["RssAnon"]
+    peak_anon, done = [base_anon], threading.Event()
+
+    def sample():  # the peak of anonymous memory: what the conversion holds, not mapped source pages
+        while not done.is_set():
+            peak_anon[0] = max(peak_anon[0], _rss_parts()["RssAnon"])
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    convert(src, dst, kv_ratio=0.25, progress=False, calib_tokens=CALIB_TOKENS, calib_seq_len=SEQ_LEN,
+            max_shard_size=SHARD)
+    done.set()
+    sampler.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"baseline_rss_bytes": base, "peak_rss_bytes": peak, "conversion_peak_rss_bytes": peak - base,
+            "conversion_peak_anon_bytes": peak_anon[0] - base_anon}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    parser.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._measure:
+        print(json.dumps(measure(*args._measure)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = f"{tmp}/src", f"{tmp}/dst"
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        f"import run; run.build({src!r})"], check=True)
+        out = subprocess.run([sys.executable, __file__, "--_measure", src, dst], check=True, capture_output=True,
+                             text=True).stdout
+        measured = json.loads(out.strip().splitlines()[-1])
+        params = sum(p.stat().st_size for p in Path(src).glob("*.safetensors")) // 4
+    h, n_layers = SHAPE["hidden_size"], SHAPE["num_hidden_layers"]
+    layer_bytes = (params - 2 * SHAPE["vocab_size"] * h) * 4 // n_layers
+    bound = {"two_layers": 2 * layer_bytes, "embeddings": 2 * SHAPE["vocab_size"] * h * 4,
+             "calibration_activations": CALIB_TOKENS * h * 4, "one_output_shard": 64 * 10**6}
+    reference_params = 3_870_000
+    result = {"model": {**SHAPE, "parameters": params, "x_reference_model": round(params / reference_params, 1),
+                        "fp32_bytes": params * 4},
+              "conversion": {"kv_ratio": 0.25, "calibration_tokens": CALIB_TOKENS, "max_shard_size": SHARD},
+              **measured, "bound_bytes": {**bound, "total": sum(bound.values())},
+              "within_bound_anon": measured["conversion_peak_anon_bytes"] < sum(bound.values()),
+              "within_bound_rss": measured["conversion_peak_rss_bytes"] < sum(bound.values())}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
