@@ -1,4 +1,4 @@
-"""`transmla` command line: convert checkpoints, inspect them, run the demo."""
+"""`transmla` command line: convert checkpoints, evaluate and inspect them, run the demo."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "RoRoPE + FreqFold + balanced K/V PCA to a smaller latent (implied by a rank or ratio)")
     p.add_argument("--kv-lora-rank", type=int, help="latent width R (default 512, clamped to the model)")
     p.add_argument("--kv-ratio", type=float, help="fraction of the original KV cache to keep, e.g. 0.25 (sets R)")
-    p.add_argument("--qk-rope-dim", type=int, help="rope dims D kept per token (default 64 or head_dim)")
+    p.add_argument("--qk-rope-dim", type=int, help="rope dims D kept per token (default 64, at most head_dim "
+                        "and half of a --kv-ratio budget)")
     p.add_argument("--freqfold", type=int, help="adjacent rotary frequencies grouped per PCA (1 = exact "
                    "rotation; default head_dim / D)")
     p.add_argument("--calib", nargs="+", help="calibration text or jsonl files (default: shipped text)")

@@ -99,9 +99,6 @@ class SourceCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.headers[self.weight_map[name]][name]["shape"])
 
-    def dtype_name(self, name: str) -> str:
-        return self.headers[self.weight_map[name]][name]["dtype"]
-
     def get(self, name: str) -> torch.Tensor:
         shard = self.weight_map[name]
         if shard not in self._handles:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -209,7 +208,3 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         width = 2 * (config.num_key_value_heads or config.num_attention_heads) * head_dim
     return width * dtype_bytes * config.num_hidden_layers
-
-
-def describe(dst: Path) -> dict:
-    return json.loads((Path(dst) / "config.json").read_text())
