@@ -12,17 +12,15 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .configuration import mla_softmax_scale, rope_block_dim
+from .configuration import block_rope_parameters, mla_layout
 
 
 def rope_config(config):
     """A copy of `config` whose rotary embedding has the width of one rope block (so the source's
     rope_parameters - theta, llama3/yarn/linear scaling - give the source's frequencies)."""
     cfg = copy.deepcopy(config)
-    cfg.head_dim = rope_block_dim(config)
-    params = dict(cfg.rope_parameters or {})
-    params.pop("partial_rotary_factor", None)
-    cfg.rope_parameters = params
+    cfg.head_dim = mla_layout(config).rope_block_dim
+    cfg.rope_parameters = block_rope_parameters(config)
     return cfg
 
 
@@ -53,28 +51,29 @@ class MLAAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.layout = layout = mla_layout(config)
         self.num_heads = config.num_attention_heads
-        self.kv_lora_rank = config.kv_lora_rank
-        self.qk_nope_head_dim = config.qk_nope_head_dim
-        self.qk_rope_head_dim = config.qk_rope_head_dim
-        self.v_head_dim = config.v_head_dim
+        self.kv_lora_rank = layout.kv_lora_rank
+        self.qk_nope_head_dim = layout.qk_nope_head_dim
+        self.qk_rope_head_dim = layout.qk_rope_head_dim
+        self.v_head_dim = layout.v_head_dim
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
-        self.scaling = mla_softmax_scale(config)
+        self.scaling = layout.softmax_scale
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.absorb = False
 
         hidden = config.hidden_size
-        if config.q_lora_rank:
+        if layout.q_lora_rank:
             raise NotImplementedError("q_lora_rank (low-rank queries) is not supported yet")
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=config.mla_q_bias)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=layout.q_bias)
         self.kv_a_proj_with_mqa = nn.Linear(
-            hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.mla_kv_a_bias
+            hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=layout.kv_a_bias
         )
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.mla_o_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=layout.o_bias)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 **kwargs):
@@ -85,7 +84,7 @@ class MLAAttention(nn.Module):
             [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
         )
         cos, sin = position_embeddings
-        blocks, interleave = self.config.qk_rope_num_blocks, self.config.rope_interleave
+        blocks, interleave = self.layout.rope_blocks, self.layout.rope_interleave
         q_pe = apply_block_rope(q_pe, cos, sin, blocks, interleave)
         k_pe = apply_block_rope(k_pe.unsqueeze(2), cos, sin, blocks, interleave)
 

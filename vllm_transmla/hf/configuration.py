@@ -81,13 +81,13 @@ def mla_layout(config) -> MLALayout:
     )
 
 
-def mla_softmax_scale(config) -> float:
-    return mla_layout(config).softmax_scale
-
-
-def rope_block_dim(config) -> int:
-    """Width of one rope block: each block is rotated like a head of this many dims."""
-    return mla_layout(config).rope_block_dim
+def block_rope_parameters(config) -> dict:
+    """The source's rope parameters for one rope block (theta and scaling apply per block, so a block
+    rotates with the source's frequencies); the block is fully rotary."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.pop("partial_rotary_factor", None)
+    params.setdefault("rope_type", "default")
+    return params
 
 
 def mla_kv_bytes_per_token(config, dtype_bytes: int) -> int:

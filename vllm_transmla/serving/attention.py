@@ -19,7 +19,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
-from ..hf.configuration import mla_layout
+from ..hf.configuration import block_rope_parameters, mla_layout
 from .backend import LatentMLABackend, LatentPrefillBackend
 
 
@@ -57,7 +57,7 @@ class LatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps) if layout.latent_layernorm else None
         self.rotary_emb = get_rope(layout.rope_block_dim, max_position=config.max_position_embeddings,
                                    is_neox_style=not layout.rope_interleave,
-                                   rope_parameters=_rope_parameters(config))
+                                   rope_parameters=block_rope_parameters(config))
         self.mla_attn = MLAAttention(
             num_heads=self.num_heads, scale=layout.softmax_scale, qk_nope_head_dim=self.qk_nope_head_dim,
             qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=None,
@@ -90,9 +90,3 @@ def rotate_rope_dims(rotary_emb, positions: torch.Tensor, q_pe: torch.Tensor, k_
                                              k_pe.contiguous())
     return q_rot.view(tokens, heads, width), k_rot
 
-
-def _rope_parameters(config) -> dict:
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    params.pop("partial_rotary_factor", None)
-    params.setdefault("rope_type", "default")
-    return params
