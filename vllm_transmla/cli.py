@@ -6,14 +6,12 @@ import argparse
 import json
 import signal
 import sys
-from pathlib import Path
 
 from .errors import TransMLAError
 
 
 def _cmd_convert(args) -> int:
     from .convert.pipeline import convert, kv_bytes_per_token
-    from .convert.source import open_source
 
     dst = convert(args.src, args.dst, mode=args.mode, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                   progress=not args.quiet, kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim,
@@ -21,7 +19,7 @@ def _cmd_convert(args) -> int:
                   calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens)
     from transformers import AutoConfig
 
-    src_cfg, dst_cfg = open_source(Path(args.src)).config, AutoConfig.from_pretrained(dst)
+    src_cfg, dst_cfg = AutoConfig.from_pretrained(args.src), AutoConfig.from_pretrained(dst)
     print(f"wrote {dst} ({dst_cfg.architectures[0]}, kv_lora_rank={dst_cfg.kv_lora_rank}, "
           f"qk_rope_head_dim={dst_cfg.qk_rope_head_dim}); KV cache per token (bf16): "
           f"{kv_bytes_per_token(src_cfg)} B -> {kv_bytes_per_token(dst_cfg)} B")
