@@ -102,9 +102,17 @@ def test_calibration_runs_the_original_layers(name, tiny_sources):
     tokens = torch.randint(3, 384, (3, 40))
     runner = LayerByLayer(open_source(tiny_sources[name]), tokens, batch_size=2)
     model = AutoModelForCausalLM.from_pretrained(tiny_sources[name], dtype=torch.float32).eval()
+    seen = {}
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))
+    attn.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states
     assert torch.allclose(runner.hidden, hidden[0], atol=1e-6)
+    # The statistics are of the keys and values the attention really computes (after input_layernorm).
+    stats = runner.stats(0)
+    assert (stats.keys - seen["k"].reshape(stats.keys.shape)).abs().max().item() < 1e-5
+    assert (stats.values - seen["v"].reshape(stats.values.shape)).abs().max().item() < 1e-5
     runner.advance(0)
     assert (runner.hidden - hidden[1]).abs().max().item() < 1e-4
 

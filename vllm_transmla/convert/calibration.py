@@ -75,11 +75,31 @@ class LayerByLayer:
         rotary = getattr(module, spec["rotary_embedding"])(config=self.config)
         positions = torch.arange(tokens.shape[1])[None]
         self.cos_sin = rotary(self.hidden[:1], positions)
+        self._module, self._module_index = None, None
+
+    def module(self, layer: int):
+        """The original decoder layer `layer` (fp32), built once and kept until the next layer."""
+        if self._module is None or self._module_index != layer:
+            self._module = None  # drop the previous layer before building the next
+            module = self.layer_cls(self.config, layer).float().eval()
+            missing, unexpected = module.load_state_dict(self._layer_state(layer), strict=False)
+            if missing or unexpected:
+                raise TransMLAError(f"layer {layer}: cannot run the original layer for calibration "
+                                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            self._module, self._module_index = module, layer
+        return self._module
+
+    def attention_inputs(self, layer: int, sequences: int | None = None) -> torch.Tensor:
+        """What the attention of `layer` reads: input_layernorm(hidden) [num_sequences, seq_len, hidden]."""
+        norm = self.module(layer).input_layernorm
+        hidden = self.hidden if sequences is None else self.hidden[:sequences]
+        with torch.no_grad():
+            return torch.cat([norm(chunk) for chunk in hidden.split(self.batch_size)])
 
     def stats(self, layer: int) -> LayerStats:
         """Keys and values (pre-rope, with bias) of `layer` over all calibration tokens."""
         fam, w = self.source.family, self.source.weights
-        x = self.hidden.reshape(-1, self.hidden.shape[-1])
+        x = self.attention_inputs(layer).reshape(-1, self.hidden.shape[-1])
 
         def project(role):
             base = fam.attn_name(role, layer)
@@ -90,19 +110,18 @@ class LayerByLayer:
         key_cov = sum(chunk.double().T @ chunk.double() for chunk in keys.split(4096))  # float64, chunked
         return LayerStats(key_cov=key_cov, keys=keys, values=values)
 
+    def position_embeddings(self, batch: int):
+        return tuple(t.expand(batch, -1, -1) for t in self.cos_sin)
+
     def advance(self, layer: int) -> None:
-        """Replace the hidden states by the output of the original `layer`."""
-        module = self.layer_cls(self.config, layer).float().eval()
-        missing, unexpected = module.load_state_dict(self._layer_state(layer), strict=False)
-        if missing or unexpected:
-            raise TransMLAError(f"layer {layer}: cannot run the original layer for calibration "
-                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        """Replace the hidden states by the output of the original `layer`, then drop the layer."""
+        module = self.module(layer)
         with torch.no_grad():
             for i in range(0, self.hidden.shape[0], self.batch_size):
                 batch = self.hidden[i:i + self.batch_size]
-                cos, sin = (t.expand(batch.shape[0], -1, -1) for t in self.cos_sin)
-                out = module(batch, attention_mask=None, position_embeddings=(cos, sin))
+                out = module(batch, attention_mask=None, position_embeddings=self.position_embeddings(batch.shape[0]))
                 self.hidden[i:i + self.batch_size] = out[0] if isinstance(out, tuple) else out
+        self._module = None
 
     def _layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         prefix = f"model.layers.{layer}."
