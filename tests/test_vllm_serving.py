@@ -50,7 +50,8 @@ def _assert_latent_cache(path, result, dtype_bytes=4):
     config = json.loads((path / "config.json").read_text())
     assert result["use_mla"] and result["num_kv_heads"] == 1
     assert result["head_size"] == _latent_width(config)
-    per_token = _latent_width(config) * dtype_bytes * config["num_hidden_layers"]
+    ranks = config.get("kv_lora_ranks") or [config["kv_lora_rank"]] * config["num_hidden_layers"]
+    per_token = sum(r + config["qk_rope_head_dim"] for r in ranks) * dtype_bytes  # each layer its own width
     tokens = result["num_gpu_blocks"] * result["block_size"]
     assert KV_BUDGET // per_token - result["block_size"] < tokens <= KV_BUDGET // per_token
 
@@ -145,4 +146,22 @@ def test_compressed_checkpoint_serves(rank, rope, fold, tiny_sources, prompts, t
     reference = hf_greedy(dst, prompts, MAX_TOKENS)
     result = run_vllm({"model": str(dst), **_job(prompts)})
     _assert_same_greedy(reference, result, f"compressed {rank}+{rope}")
+    _assert_latent_cache(dst, result)
+
+
+def test_per_layer_ranks_serve(prompts, tmp_path):
+    """A checkpoint with per-layer latent ranks (measured allocation, FreqFold auto, on the trained reference
+    model at 25% of the cache) serves with the transformers model's greedy tokens; vLLM sizes every
+    layer's paged cache at its own width, so the tokens that fit follow the summed widths."""
+    import json
+
+    from vllm_transmla.convert.pipeline import convert
+    from vllm_transmla.demo import reference_model
+
+    dst = convert(reference_model(), tmp_path / "mla", kv_ratio=0.25, freqfold="auto", rank_allocation="measured",
+                  progress=False)
+    assert len(set(json.loads((dst / "config.json").read_text())["kv_lora_ranks"])) > 1
+    reference = hf_greedy(dst, prompts, MAX_TOKENS)
+    result = run_vllm({"model": str(dst), **_job(prompts)})
+    _assert_same_greedy(reference, result, "per-layer ranks")
     _assert_latent_cache(dst, result)

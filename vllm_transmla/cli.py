@@ -16,7 +16,8 @@ def _cmd_convert(args) -> int:
     dst = convert(args.src, args.dst, mode=args.mode, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                   progress=not args.quiet, kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim,
                   kv_ratio=args.kv_ratio, freqfold=args.freqfold, calib=args.calib,
-                  calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens)
+                  calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens,
+                  rank_allocation=args.rank_allocation)
     from transformers import AutoConfig
 
     src_cfg, dst_cfg = AutoConfig.from_pretrained(args.src), AutoConfig.from_pretrained(dst)
@@ -34,8 +35,8 @@ def _cmd_info(args) -> int:
     cfg = AutoConfig.from_pretrained(args.model)
     info = {"model_type": cfg.model_type, "architectures": cfg.architectures,
             "kv_bytes_per_token_bf16": kv_bytes_per_token(cfg)}
-    for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "qk_rope_num_blocks",
-                "softmax_scale", "transmla"):
+    for key in ("kv_lora_rank", "kv_lora_ranks", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+                "qk_rope_num_blocks", "softmax_scale", "transmla"):
         if hasattr(cfg, key):
             info[key] = getattr(cfg, key)
     print(json.dumps(info, indent=2))
@@ -70,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ratio", type=float, help="fraction of the original KV cache to keep, e.g. 0.25 (sets R)")
     p.add_argument("--qk-rope-dim", type=int, help="rope dims D kept per token (default 64, at most head_dim "
                         "and half of a --kv-ratio budget)")
-    p.add_argument("--freqfold", type=int, help="adjacent rotary frequencies grouped per PCA (1 = exact "
-                   "rotation; default head_dim / D)")
+    p.add_argument("--freqfold", help="adjacent rotary frequencies grouped per PCA (1 = exact RoRoPE; default "
+                        "head_dim / qk_rope_dim), or 'auto': the one with the least calibration attention error")
+    p.add_argument("--rank-allocation", choices=["uniform", "measured"], default=None,
+                   help="one latent rank for every layer, or per-layer ranks that minimise the calibration "
+                        "attention error (same total cache)")
     p.add_argument("--calib", nargs="+", help="calibration text or jsonl files (default: shipped text)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens used at most")

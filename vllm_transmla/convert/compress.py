@@ -111,23 +111,23 @@ class LayerStats:
     values: torch.Tensor  # [N, n*d]
 
 
-def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int, stats: LayerStats,
-                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bias=None, k_bias=None,
-                         v_bias=None) -> dict[str, torch.Tensor]:
-    """MLA tensors of one layer (see the module docstring); shapes as in exact.py, with
-    qk_nope_head_dim = v_head_dim = d and q_proj [H * (d + D), hidden]."""
+@dataclass
+class LayerBasis:
+    """What calibration decides for one layer, before a rank is chosen: the RoRoPE rotation, the K/V
+    balance and the joint PCA of [K_nope / ratio ; V] (eigenvalues descending, eigenvectors as columns)."""
+
+    plan: RopePlan
+    rotation: torch.Tensor  # [n*d, n*d] float64
+    ratio: torch.Tensor  # scalar: mean |K_nope| / mean |V|
+    eigenvalues: torch.Tensor  # [2nd - D]
+    eigenvectors: torch.Tensor  # [2nd - D, 2nd - D]
+
+
+def analyse_layer(gqa: GQAShape, rope_dim: int, freqfold: int, stats: LayerStats) -> LayerBasis:
     plan = plan_rope(gqa, rope_dim, freqfold)
-    check_rank(gqa, rank, rope_dim)
-    d, width, heads = gqa.head_dim, gqa.kv_width, gqa.num_heads
-    out_dtype = q.dtype
     f64 = torch.float64
     rot = rorope_rotation(stats.key_cov, gqa, plan)  # [n*d, n*d]
-    q, k, v = q.to(f64), k.to(f64), v.to(f64)
-    zeros = torch.zeros(width, dtype=f64)
-    kb = k_bias.to(f64) if k_bias is not None else zeros
-    vb = v_bias.to(f64) if v_bias is not None else zeros
-    k_rot, kb_rot = rot @ k, rot @ kb
-
+    width = gqa.kv_width
     # Balanced K/V, then one joint PCA of [K_nope / ratio ; V] over the calibration tokens. Sums run over
     # token chunks so float64 temporaries stay small whatever the number of calibration tokens.
     chunks = list(zip(stats.keys.split(CHUNK), stats.values.split(CHUNK)))
@@ -140,11 +140,30 @@ def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int,
         joint = torch.cat([(kc.to(f64) @ nope_rot) / ratio, vc.to(f64)], dim=-1)
         cov += joint.T @ joint
     values, vectors = torch.linalg.eigh(cov)
-    basis = vectors[:, values.argsort(descending=True)[:rank]]  # P [2nd - D, R]
-    basis_k, basis_v = basis[: width - rope_dim], basis[width - rope_dim:]
+    order = values.argsort(descending=True)
+    return LayerBasis(plan, rot, ratio, values[order].clamp_min(0), vectors[:, order])
 
-    kv_a = torch.cat([basis.T @ torch.cat([k_rot[rope_dim:] / ratio, v]), k_rot[:rope_dim]])
-    kv_a_bias = torch.cat([basis.T @ torch.cat([kb_rot[rope_dim:] / ratio, vb]), kb_rot[:rope_dim]])
+
+def build_layer(gqa: GQAShape, basis: LayerBasis, rank: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                q_bias=None, k_bias=None, v_bias=None) -> dict[str, torch.Tensor]:
+    """MLA tensors of one layer at latent rank `rank` (see the module docstring); shapes as in exact.py,
+    with qk_nope_head_dim = v_head_dim = d and q_proj [H * (d + D), hidden]."""
+    rope_dim = basis.plan.blocks * basis.plan.block_dim
+    check_rank(gqa, rank, rope_dim)
+    d, width, heads = gqa.head_dim, gqa.kv_width, gqa.num_heads
+    out_dtype = q.dtype
+    f64 = torch.float64
+    rot, ratio = basis.rotation, basis.ratio
+    q, k, v = q.to(f64), k.to(f64), v.to(f64)
+    zeros = torch.zeros(width, dtype=f64)
+    kb = k_bias.to(f64) if k_bias is not None else zeros
+    vb = v_bias.to(f64) if v_bias is not None else zeros
+    k_rot, kb_rot = rot @ k, rot @ kb
+    pca = basis.eigenvectors[:, :rank]  # P [2nd - D, R]
+    basis_k, basis_v = pca[: width - rope_dim], pca[width - rope_dim:]
+
+    kv_a = torch.cat([pca.T @ torch.cat([k_rot[rope_dim:] / ratio, v]), k_rot[:rope_dim]])
+    kv_a_bias = torch.cat([pca.T @ torch.cat([kb_rot[rope_dim:] / ratio, vb]), kb_rot[:rope_dim]])
 
     q_rows, q_bias_rows, kv_b_rows = [], [], []
     for h in range(heads):
@@ -167,6 +186,42 @@ def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int,
     if k_bias is not None or v_bias is not None:
         tensors["kv_a_proj_with_mqa.bias"] = kv_a_bias
     return {name: t.to(out_dtype).contiguous() for name, t in tensors.items()}
+
+
+def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int, stats: LayerStats,
+                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bias=None, k_bias=None,
+                         v_bias=None) -> dict[str, torch.Tensor]:
+    """MLA tensors of one layer: `analyse_layer` then `build_layer`."""
+    check_rank(gqa, rank, rope_dim)
+    return build_layer(gqa, analyse_layer(gqa, rope_dim, freqfold, stats), rank, q, k, v, q_bias, k_bias, v_bias)
+
+
+def rank_grid(uniform: int, max_rank: int) -> list[int]:
+    """Candidate per-layer ranks around the uniform one: 1/2 .. 2x in quarter steps, rounded to a
+    kernel-friendly multiple (8 where the rank allows, smaller for tiny ranks)."""
+    unit = 8 if uniform >= 32 else max(1, uniform // 4)
+    grid = {max(unit, round(uniform * f / unit) * unit) for f in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)}
+    return sorted({min(r, max_rank) for r in grid} | {uniform})
+
+
+def allocate_ranks(errors: list[dict[int, float]], total: int) -> list[int]:
+    """Per-layer ranks summing exactly to `total` that minimise the summed measured error.
+
+    errors[l][r]: layer l's error at rank r (a few candidate ranks per layer). Exact knapsack by dynamic
+    programming over the budget; the uniform choice is a candidate, so the result is never worse than
+    uniform on the measured errors.
+    """
+    best = {0: (0.0, [])}  # ranks used -> (summed error, ranks so far)
+    for options in errors:
+        step = {}
+        for used, (err, ranks) in best.items():
+            for rank, e in options.items():
+                if used + rank <= total and (used + rank not in step or err + e < step[used + rank][0]):
+                    step[used + rank] = (err + e, ranks + [rank])
+        best = step
+    if total not in best:
+        raise ValueError(f"no per-layer ranks from the candidates sum to {total}")
+    return best[total][1]
 
 
 def check_rank(gqa: GQAShape, rank: int, rope_dim: int) -> None:

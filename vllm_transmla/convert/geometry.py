@@ -36,8 +36,12 @@ class MLAShape:
     qk_nope_head_dim: int
     v_head_dim: int
     qk_rope_num_blocks: int
+    kv_lora_ranks: tuple[int, ...] | None = None  # per layer; kv_lora_rank is then their maximum
 
     def config_fields(self) -> dict:
-        return dict(kv_lora_rank=self.kv_lora_rank, qk_rope_head_dim=self.qk_rope_head_dim,
-                    qk_nope_head_dim=self.qk_nope_head_dim, v_head_dim=self.v_head_dim,
-                    qk_rope_num_blocks=self.qk_rope_num_blocks)
+        fields = dict(kv_lora_rank=self.kv_lora_rank, qk_rope_head_dim=self.qk_rope_head_dim,
+                      qk_nope_head_dim=self.qk_nope_head_dim, v_head_dim=self.v_head_dim,
+                      qk_rope_num_blocks=self.qk_rope_num_blocks)
+        if self.kv_lora_ranks is not None:
+            fields["kv_lora_ranks"] = list(self.kv_lora_ranks)
+        return fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import TransMLAError
-from ..hf.configuration import MLA_CONFIG_CLASSES
+from ..hf.configuration import MLA_CONFIG_CLASSES, mla_kv_bytes_per_token
 from .checkpoint import ShardWriter
 from .exact import exact_attention, exact_mla_shape
 from .output import atomic_directory, check_destination, copy_side_files
@@ -117,26 +118,40 @@ def resolve_compression(gqa, kv_lora_rank=None, qk_rope_dim=None, kv_ratio=None,
         rank = min(512, width - rope)
         if rank != 512:
             notes.append(f"kv_lora_rank clamped to 2 * num_kv_heads * head_dim - qk_rope_dim = {rank}")
-    fold = freqfold if freqfold is not None else max(1, gqa.head_dim // rope)
+    if freqfold == "auto":
+        fold = "auto"
+    elif freqfold is not None:
+        try:
+            fold = int(freqfold)
+        except (TypeError, ValueError):
+            raise TransMLAError(f"--freqfold {freqfold!r} must be a whole number or 'auto'") from None
+    else:
+        fold = max(1, gqa.head_dim // rope)
     return {"kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold, "notes": notes}
 
 
 def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite: bool = False,
             max_shard_size: str | int = "2GB", progress: bool = True, kv_lora_rank: int | None = None,
             qk_rope_dim: int | None = None, kv_ratio: float | None = None, freqfold: int | None = None,
-            calib: list[str] | None = None, calib_seq_len: int = 256, calib_tokens: int = 32768) -> Path:
+            calib: list[str] | None = None, calib_seq_len: int = 256, calib_tokens: int = 32768,
+            rank_allocation: str | None = None) -> Path:
     """Convert the checkpoint at `src` into an MLA checkpoint at `dst`; returns `dst`.
 
     mode "exact": same function, same cache. mode "compressed": RoRoPE + FreqFold + balanced K/V PCA to
     a latent of kv_lora_rank + qk_rope_dim, calibrated on `calib` files (the shipped text by default).
+    freqfold "auto" picks the FreqFold with the least calibration attention error; rank_allocation
+    "measured" gives each layer its own rank (same total cache) by measured attention error (survey.py).
     Reads one layer at a time; holds at most one layer, the calibration activations and one output shard.
     """
     src, dst = Path(src), Path(dst)
-    compressing = any(v is not None for v in (kv_lora_rank, qk_rope_dim, kv_ratio, freqfold))
+    compressing = any(v is not None for v in (kv_lora_rank, qk_rope_dim, kv_ratio, freqfold, rank_allocation))
+    if rank_allocation not in (None, "uniform", "measured"):
+        raise TransMLAError(f"--rank-allocation {rank_allocation!r}: use 'uniform' (one rank for every layer) or "
+                            f"'measured' (per-layer ranks by calibration error, same total cache)")
     mode = mode or ("compressed" if compressing else "exact")
     if mode == "exact" and compressing:
-        raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold need --mode compressed "
-                            "(exact mode keeps the full K and V)")
+        raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation need "
+                            "--mode compressed (exact mode keeps the full K and V)")
     if mode not in ("exact", "compressed"):
         raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
     source = open_source(src)
@@ -148,21 +163,44 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
             return exact_attention(source.gqa, q, k, v, qb, kb, vb)
     else:
         from .calibration import LayerByLayer, calibration_tokens
-        from .compress import compressed_attention, compressed_mla_shape
+        from .compress import analyse_layer, build_layer, compressed_mla_shape
+        from .survey import freqfold_candidates, survey
 
         chosen = resolve_compression(source.gqa, kv_lora_rank, qk_rope_dim, kv_ratio, freqfold)
         for note in chosen["notes"]:
             print(f"transmla: {note}", file=sys.stderr)
         rank, rope, fold = chosen["kv_lora_rank"], chosen["qk_rope_dim"], chosen["freqfold"]
-        mla_shape = compressed_mla_shape(source.gqa, rank, rope, fold)  # validates the settings
+        # Illegal rope widths leave no candidate; the default fold then raises the precise error below.
+        candidates = freqfold_candidates(source.gqa, rope) if fold == "auto" else [fold]
+        candidates = candidates or [source.gqa.head_dim // rope]
+        compressed_mla_shape(source.gqa, rank, rope, candidates[0])  # validates the settings before any work
         tokens, calib_names = calibration_tokens(source, calib, calib_seq_len, calib_tokens)
         settings = {"mode": mode, "kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold,
-                    "calibration_files": calib_names,
+                    "rank_allocation": rank_allocation or "uniform", "calibration_files": calib_names,
                     "calibration_tokens": int(tokens.numel()), "calibration_seq_len": calib_seq_len}
+        ranks = [rank] * source.num_layers
+        if fold == "auto" or rank_allocation == "measured":
+            report = survey(source, tokens, rank, rope, candidates,
+                            lambda shape: mla_config(source, shape, {"mode": mode}),
+                            per_layer_ranks=rank_allocation == "measured", progress=progress)
+            if fold == "auto":
+                fold = report.best_freqfold()
+                errors = {f: round(report.uniform_error(f), 4) for f in report.errors}
+                settings.update(freqfold=fold, freqfold_auto_errors=errors)
+                print(f"transmla: --freqfold auto chose {fold} (summed attention error per FreqFold: {errors})",
+                      file=sys.stderr)
+            if rank_allocation == "measured":
+                ranks = report.ranks(fold)
+                settings.update(kv_lora_ranks=ranks, calibration_error={
+                    "uniform": round(report.uniform_error(fold), 6), "per_layer": round(report.error(fold, ranks), 6)})
+        mla_shape = compressed_mla_shape(source.gqa, max(ranks), rope, fold)
+        if rank_allocation == "measured":
+            mla_shape = dataclasses.replace(mla_shape, kv_lora_ranks=tuple(ranks))
         runner = LayerByLayer(source, tokens)
 
         def attention_fn(layer, q, k, v, qb, kb, vb):
-            tensors = compressed_attention(source.gqa, rank, rope, fold, runner.stats(layer), q, k, v, qb, kb, vb)
+            basis = analyse_layer(source.gqa, rope, fold, runner.stats(layer))
+            tensors = build_layer(source.gqa, basis, ranks[layer], q, k, v, qb, kb, vb)
             runner.advance(layer)
             return tensors
     config = mla_config(source, mla_shape, settings)
@@ -203,8 +241,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """KV-cache bytes one token costs over all layers: the latent for MLA configs, K+V otherwise."""
     if hasattr(config, "kv_lora_rank"):
-        width = config.kv_lora_rank + config.qk_rope_head_dim
-    else:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        width = 2 * (config.num_key_value_heads or config.num_attention_heads) * head_dim
+        return mla_kv_bytes_per_token(config, dtype_bytes)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = 2 * (config.num_key_value_heads or config.num_attention_heads) * head_dim
     return width * dtype_bytes * config.num_hidden_layers

@@ -51,7 +51,7 @@ class MLAAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.layout = layout = mla_layout(config)
+        self.layout = layout = mla_layout(config, layer_idx)
         self.num_heads = config.num_attention_heads
         self.kv_lora_rank = layout.kv_lora_rank
         self.qk_nope_head_dim = layout.qk_nope_head_dim

@@ -28,6 +28,8 @@ class MLAFields:
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
     qk_rope_num_blocks: int = 1
+    # Per-layer latent ranks (rank allocation); kv_lora_rank is then their maximum.
+    kv_lora_ranks: list[int] | None = None
     q_lora_rank: int | None = None
     # The source model's logit scale (head_dim ** -0.5); None means DeepSeek's (nope + rope) ** -0.5.
     softmax_scale: float | None = None
@@ -64,13 +66,25 @@ class MLALayout:
         return self.qk_rope_head_dim // self.rope_blocks
 
 
-def mla_layout(config) -> MLALayout:
+def layer_kv_lora_rank(config, layer_idx: int | None) -> int:
+    """The latent rank of layer `layer_idx`: per-layer ranks when the checkpoint has them."""
+    ranks = getattr(config, "kv_lora_ranks", None)
+    if ranks and layer_idx is not None:
+        if len(ranks) != config.num_hidden_layers:
+            raise ValueError(f"kv_lora_ranks has {len(ranks)} entries for {config.num_hidden_layers} layers: "
+                             f"the config is inconsistent; reconvert the checkpoint")
+        return int(ranks[layer_idx])
+    return config.kv_lora_rank
+
+
+def mla_layout(config, layer_idx: int | None = None) -> MLALayout:
+    """The MLA shape of layer `layer_idx` (layers differ only in kv_lora_rank, with per-layer ranks)."""
     ours = hasattr(config, "mla_q_bias")
     bias = bool(getattr(config, "attention_bias", False))
     nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
     scale = getattr(config, "softmax_scale", None)
     return MLALayout(
-        kv_lora_rank=config.kv_lora_rank, qk_rope_head_dim=rope, qk_nope_head_dim=nope,
+        kv_lora_rank=layer_kv_lora_rank(config, layer_idx), qk_rope_head_dim=rope, qk_nope_head_dim=nope,
         v_head_dim=config.v_head_dim, rope_blocks=getattr(config, "qk_rope_num_blocks", 1),
         rope_interleave=bool(getattr(config, "rope_interleave", False)),
         softmax_scale=float(scale) if scale is not None else float(nope + rope) ** -0.5,
@@ -92,7 +106,8 @@ def block_rope_parameters(config) -> dict:
 
 def mla_kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """Bytes of KV cache one token costs across all layers."""
-    return (config.kv_lora_rank + config.qk_rope_head_dim) * dtype_bytes * config.num_hidden_layers
+    layers = range(config.num_hidden_layers)
+    return sum(layer_kv_lora_rank(config, i) + config.qk_rope_head_dim for i in layers) * dtype_bytes
 
 
 @strict

@@ -18,6 +18,7 @@ from vllm.model_executor.layers.attention.mla_attention import MLAAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.models.utils import extract_layer_index
 
 from ..hf.configuration import block_rope_parameters, mla_layout
 from .backend import LatentMLABackend, LatentPrefillBackend
@@ -32,7 +33,7 @@ class LatentAttention(nn.Module):
         if config.num_attention_heads % tp:
             raise ValueError(f"num_attention_heads={config.num_attention_heads} is not divisible by "
                              f"tensor_parallel_size={tp}: choose a tensor_parallel_size that divides it")
-        layout = mla_layout(config)
+        layout = mla_layout(config, extract_layer_index(prefix))
         if layout.q_lora_rank:
             raise NotImplementedError(f"q_lora_rank={layout.q_lora_rank} (low-rank queries) is not supported "
                                       f"yet: convert without a query low-rank")
