@@ -25,14 +25,16 @@ def tokens():
     return torch.randint(3, 384, (2, 48))
 
 
+@pytest.mark.parametrize("fold", [1, "select"])
 @pytest.mark.parametrize("name", list(TINY_MODELS))
-def test_full_rank_reproduces_exact(name, tiny_sources, exact_converted, tokens, tmp_path):
-    """R = 2 * n_kv * head_dim - D with every key dim roped (D = n_kv * head_dim) and freqfold 1: the
-    rotation, balancing, PCA and query absorption are all exact, so logits equal the exact model's."""
+def test_full_rank_reproduces_exact(name, fold, tiny_sources, exact_converted, tokens, tmp_path):
+    """R = 2 * n_kv * head_dim - D with every key dim roped (D = n_kv * head_dim) and freqfold 1 or the
+    selected-frequency layout: the rotation, weighting, balancing, PCA and query absorption are all exact,
+    so logits equal the exact model's."""
     config = json.loads((tiny_sources[name] / "config.json").read_text())
     kv_width = config["num_key_value_heads"] * config["head_dim"]
     dst = convert(tiny_sources[name], tmp_path / "full", mode="compressed", kv_lora_rank=kv_width,
-                  qk_rope_dim=kv_width, freqfold=1, calib_seq_len=64, progress=False)
+                  qk_rope_dim=kv_width, freqfold=fold, calib_seq_len=64, progress=False)
     exact, full = _logits(exact_converted[name], tokens), _logits(dst, tokens)
     assert (exact - full).abs().max().item() < 1e-3
 
@@ -72,6 +74,12 @@ def test_lossless_when_the_source_has_the_structure(name, tmp_path, tokens):
     diff = (_logits(structured, tokens) - _logits(dst, tokens)).abs().max().item()
     assert diff < 1e-3, diff
 
+    # The selected-frequency layout finds the same structure.
+    select = convert(structured, tmp_path / "select", kv_lora_rank=8, qk_rope_dim=32, calib_seq_len=64,
+                     progress=False)
+    assert json.loads((select / "config.json").read_text())["transmla"]["freqfold"] == "select"
+    assert (_logits(structured, tokens) - _logits(select, tokens)).abs().max().item() < 1e-3
+
     plain = build_tiny_model(name, tmp_path / "plain")
     lossy = convert(plain, tmp_path / "lossy", kv_lora_rank=8, qk_rope_dim=32, freqfold=1, calib_seq_len=64,
                     progress=False)
@@ -81,7 +89,10 @@ def test_lossless_when_the_source_has_the_structure(name, tmp_path, tokens):
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(kv_lora_rank=10_000), r"kv-lora-rank 10000 is out of range"),
     (dict(kv_lora_rank=32, qk_rope_dim=7), r"qk-rope-dim 7 must be a positive even"),
-    (dict(kv_lora_rank=32, qk_rope_dim=48), r"multiple of head_dim"),
+    (dict(kv_lora_rank=32, qk_rope_dim=48, freqfold=1), r"multiple of head_dim"),
+    (dict(kv_lora_rank=32, qk_rope_dim=80), r"qk-rope-dim 80 is above num_kv_heads \* head_dim = 64"),
+    (dict(kv_lora_rank=32, freqfold="often"), r"freqfold 'often' must be a whole number, 'select' or 'auto'"),
+    (dict(kv_lora_rank=32, rank_allocation="greedy"), r"rank-allocation 'greedy'"),
     (dict(kv_lora_rank=32, qk_rope_dim=16, freqfold=3), r"freqfold 3"),
     (dict(kv_ratio=1.5), r"kv-ratio 1.5 must be in"),
     (dict(kv_lora_rank=32, calib_seq_len=100_000), r"calibration text has \d+ tokens"),
@@ -162,8 +173,8 @@ def test_measured_ranks_and_freqfold_auto(tmp_path):
                     progress=False)
     config = json.loads((tuned / "config.json").read_text())
     prov = config["transmla"]
-    errors = {int(f): e for f, e in prov["freqfold_auto_errors"].items()}
-    assert prov["freqfold"] == min(errors, key=errors.get) and len(errors) > 1
+    errors = prov["freqfold_auto_errors"]
+    assert str(prov["freqfold"]) == min(errors, key=errors.get) and len(errors) > 1
     ranks = config["kv_lora_ranks"]
     assert len(ranks) == config["num_hidden_layers"] and len(set(ranks)) > 1
     assert sum(ranks) == prov["kv_lora_rank"] * len(ranks) and config["kv_lora_rank"] == max(ranks)

@@ -11,8 +11,10 @@ from .errors import TransMLAError
 
 
 def perplexity(model_path: str | Path, text_file: str | Path, seq_len: int = 256, max_tokens: int | None = None,
-               dtype: torch.dtype = torch.float32) -> dict:
+               dtype: torch.dtype = torch.float32, model=None) -> dict:
     """Mean next-token negative log-likelihood over non-overlapping windows of `seq_len` (+1) tokens.
+    `model`: an already built causal LM to measure instead of loading `model_path`'s (the tokenizer is
+    still `model_path`'s).
 
     Returns {"perplexity", "nll", "tokens", "windows"}.
     """
@@ -31,7 +33,8 @@ def perplexity(model_path: str | Path, text_file: str | Path, seq_len: int = 256
     if windows < 1:
         raise TransMLAError(f"{text_file} has {ids.numel()} tokens, fewer than one window of {seq_len + 1}: "
                             f"pass more text or a smaller --seq-len")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
     total = 0.0
     with torch.no_grad():
         for i in range(windows):

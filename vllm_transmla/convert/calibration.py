@@ -108,7 +108,17 @@ class LayerByLayer:
 
         keys, values = project("k_proj"), project("v_proj")
         key_cov = sum(chunk.double().T @ chunk.double() for chunk in keys.split(4096))  # float64, chunked
-        return LayerStats(key_cov=key_cov, keys=keys, values=values)
+        # Per-head query second moments [H, d, d], one chunk of queries at a time.
+        gqa = self.source.gqa
+        q_name = fam.attn_name("q_proj", layer)
+        w_q = w.get(q_name + ".weight").float()
+        b_q = w.get(q_name + ".bias").float() if q_name + ".bias" in w else None
+        query_cov = torch.zeros(gqa.num_heads, gqa.head_dim, gqa.head_dim, dtype=torch.float64)
+        for chunk in x.split(4096):
+            q = chunk @ w_q.T + (b_q if b_q is not None else 0)
+            q = q.double().view(-1, gqa.num_heads, gqa.head_dim)
+            query_cov += torch.einsum("nhd,nhe->hde", q, q)
+        return LayerStats(key_cov=key_cov, keys=keys, values=values, query_cov=query_cov)
 
     def position_embeddings(self, batch: int):
         return tuple(t.expand(batch, -1, -1) for t in self.cos_sin)

@@ -118,15 +118,15 @@ def resolve_compression(gqa, kv_lora_rank=None, qk_rope_dim=None, kv_ratio=None,
         rank = min(512, width - rope)
         if rank != 512:
             notes.append(f"kv_lora_rank clamped to 2 * num_kv_heads * head_dim - qk_rope_dim = {rank}")
-    if freqfold == "auto":
-        fold = "auto"
+    if freqfold in ("auto", "select"):
+        fold = freqfold
     elif freqfold is not None:
         try:
             fold = int(freqfold)
         except (TypeError, ValueError):
-            raise TransMLAError(f"--freqfold {freqfold!r} must be a whole number or 'auto'") from None
+            raise TransMLAError(f"--freqfold {freqfold!r} must be a whole number, 'select' or 'auto'") from None
     else:
-        fold = max(1, gqa.head_dim // rope)
+        fold = "select"  # exact frequencies per rope pair: measured better than any FreqFold (benchmarks/quality)
     return {"kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold, "notes": notes}
 
 
@@ -156,6 +156,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
         raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
     source = open_source(src)
     check_destination(src, dst, overwrite)
+    pair_freqs = []  # selected-frequency layout: each layer's rope frequencies, for the config
     if mode == "exact":
         mla_shape, settings = exact_mla_shape(source.gqa), {"mode": mode}
 
@@ -164,7 +165,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
     else:
         from .calibration import LayerByLayer, calibration_tokens
         from .compress import analyse_layer, build_layer, compressed_mla_shape
-        from .survey import freqfold_candidates, survey
+        from .survey import freqfold_candidates, output_weight, survey
 
         chosen = resolve_compression(source.gqa, kv_lora_rank, qk_rope_dim, kv_ratio, freqfold)
         for note in chosen["notes"]:
@@ -185,7 +186,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
                             per_layer_ranks=rank_allocation == "measured", progress=progress)
             if fold == "auto":
                 fold = report.best_freqfold()
-                errors = {f: round(report.uniform_error(f), 4) for f in report.errors}
+                errors = {str(f): round(report.uniform_error(f), 4) for f in report.errors}
                 settings.update(freqfold=fold, freqfold_auto_errors=errors)
                 print(f"transmla: --freqfold auto chose {fold} (summed attention error per FreqFold: {errors})",
                       file=sys.stderr)
@@ -198,8 +199,10 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
             mla_shape = dataclasses.replace(mla_shape, kv_lora_ranks=tuple(ranks))
         runner = LayerByLayer(source, tokens)
 
+
         def attention_fn(layer, q, k, v, qb, kb, vb):
-            basis = analyse_layer(source.gqa, rope, fold, runner.stats(layer))
+            basis = analyse_layer(source.gqa, rope, fold, runner.stats(layer), output_weight(source, layer))
+            pair_freqs.append(basis.pair_freqs)
             tensors = build_layer(source.gqa, basis, ranks[layer], q, k, v, qb, kb, vb)
             runner.advance(layer)
             return tensors
@@ -232,6 +235,8 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
             if delay:
                 time.sleep(delay)
         writer.finish()
+        if any(f is not None for f in pair_freqs):
+            config.qk_rope_pair_freqs = pair_freqs
         config.dtype = source.config.dtype
         config.save_pretrained(tmp)
         copy_side_files(src, tmp)

@@ -18,6 +18,7 @@ energy share was tried first and lost to uniform ranks at 12.5% of the cache on 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TransMLAError
 from .calibration import LayerByLayer
-from .compress import allocate_ranks, analyse_layer, build_layer, compressed_mla_shape, plan_rope, rank_grid
+from .compress import SELECT, allocate_ranks, analyse_layer, build_layer, compressed_mla_shape, plan_rope, rank_grid
 from .source import Source
 
 SURVEY_TOKENS = 8192
@@ -40,7 +41,7 @@ class Survey:
     errors: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # fold -> layer -> rank -> error
 
     def best_freqfold(self) -> int:
-        return min(self.errors, key=lambda f: (self.uniform_error(f), f))
+        return min(self.errors, key=self.uniform_error)  # ties: the first candidate
 
     def uniform_error(self, freqfold: int) -> float:
         return sum(layer[self.rank] for layer in self.errors[freqfold])
@@ -53,9 +54,10 @@ class Survey:
         return allocate_ranks(layers, total=self.rank * len(layers))
 
 
-def freqfold_candidates(gqa, rope_dim: int) -> list[int]:
-    """Legal FreqFolds: multiples of head_dim * blocks / rope_dim that divide head_dim / 2."""
-    legal = []
+def freqfold_candidates(gqa, rope_dim: int) -> list:
+    """The selected-frequency layout, then the legal FreqFolds: multiples of head_dim * blocks / rope_dim
+    that divide head_dim / 2."""
+    legal = [SELECT]
     for fold in range(1, gqa.head_dim // 2 + 1):
         try:
             plan_rope(gqa, rope_dim, fold)
@@ -80,11 +82,14 @@ def survey(source: Source, tokens: torch.Tensor, rank: int, rope_dim: int, folds
         stats = runner.stats(layer)
         weights = _attention_weights(source, layer)
         for fold in folds:
-            basis = analyse_layer(source.gqa, rope_dim, fold, stats)
+            basis = analyse_layer(source.gqa, rope_dim, fold, stats, output_weight(source, layer))
             errors = {}
             for r in ranks:
                 tensors = build_layer(source.gqa, basis, r, *weights)
-                errors[r] = attention_error(runner, layer, configs[fold, r], rotary, tensors, source)
+                config = configs[fold, r]
+                if basis.pair_freqs is not None:
+                    config.qk_rope_pair_freqs = [basis.pair_freqs] * source.num_layers
+                errors[r] = attention_error(runner, layer, config, rotary, tensors, source)
             result.errors.setdefault(fold, []).append(errors)
         del stats
         runner.advance(layer)
@@ -94,6 +99,14 @@ def survey(source: Source, tokens: torch.Tensor, rank: int, rope_dim: int, folds
 def _rotary_class(source: Source):
     spec = source.family.calibration
     return getattr(importlib.import_module(spec["module"]), spec["rotary_embedding"])
+
+
+def output_weight(source: Source, layer: int) -> torch.Tensor | None:
+    """o_proj.weight [hidden, H * d] of `layer` for value-error weighting; None turns weighting off
+    (TRANSMLA_PCA_WEIGHTING=none, for comparisons)."""
+    if os.environ.get("TRANSMLA_PCA_WEIGHTING", "output") == "none":
+        return None
+    return source.weights.get(f"{source.family.attn_name('o_proj', layer)}.weight").float()
 
 
 def _attention_weights(source: Source, layer: int):

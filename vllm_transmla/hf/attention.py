@@ -41,6 +41,13 @@ def apply_block_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
     return x.reshape(b, t, n, d)
 
 
+def select_rope_pairs(t: torch.Tensor, pair_freqs: list[int]) -> torch.Tensor:
+    """cos or sin of the source rotary [B, T, d] (neox: frequencies repeated twice) -> [B, T, D] for rope
+    pairs with the given source frequency indices [D / 2]."""
+    half = t[..., pair_freqs]
+    return torch.cat([half, half], dim=-1)
+
+
 class MLAAttention(nn.Module):
     """Multi-head latent attention with a [c_kv ; k_pe] cache.
 
@@ -74,6 +81,8 @@ class MLAAttention(nn.Module):
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=layout.o_bias)
+        # A plain list, not a buffer: transformers builds models on the meta device.
+        self.pair_freqs = list(layout.rope_pair_freqs) if layout.rope_pair_freqs is not None else None
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 **kwargs):
@@ -84,6 +93,8 @@ class MLAAttention(nn.Module):
             [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
         )
         cos, sin = position_embeddings
+        if self.layout.rope_pair_freqs is not None:
+            cos, sin = select_rope_pairs(cos, self.pair_freqs), select_rope_pairs(sin, self.pair_freqs)
         blocks, interleave = self.layout.rope_blocks, self.layout.rope_interleave
         q_pe = apply_block_rope(q_pe, cos, sin, blocks, interleave)
         k_pe = apply_block_rope(k_pe.unsqueeze(2), cos, sin, blocks, interleave)

@@ -30,6 +30,9 @@ class MLAFields:
     qk_rope_num_blocks: int = 1
     # Per-layer latent ranks (rank allocation); kv_lora_rank is then their maximum.
     kv_lora_ranks: list[int] | None = None
+    # Selected-frequency rope layout: per layer, the source rotary frequency index of each rope pair
+    # (rope dims p and p + qk_rope_head_dim / 2); qk_rope_num_blocks is then 1.
+    qk_rope_pair_freqs: list[list[int]] | None = None
     q_lora_rank: int | None = None
     # The source model's logit scale (head_dim ** -0.5); None means DeepSeek's (nope + rope) ** -0.5.
     softmax_scale: float | None = None
@@ -59,11 +62,14 @@ class MLALayout:
     o_bias: bool
     latent_layernorm: bool
     q_lora_rank: int | None
+    rope_pair_freqs: tuple[int, ...] | None = None  # this layer's, in the selected-frequency layout
+    source_rotary_dim: int | None = None  # the source head_dim, in the selected-frequency layout
 
     @property
     def rope_block_dim(self) -> int:
-        """Width of one rope block: each block is rotated like a head of this many dims."""
-        return self.qk_rope_head_dim // self.rope_blocks
+        """Width of one rope block: each block is rotated like a head of this many dims. In the
+        selected-frequency layout, the source head_dim (its rotary gives every frequency)."""
+        return self.source_rotary_dim or self.qk_rope_head_dim // self.rope_blocks
 
 
 def layer_kv_lora_rank(config, layer_idx: int | None) -> int:
@@ -92,7 +98,19 @@ def mla_layout(config, layer_idx: int | None = None) -> MLALayout:
         o_bias=config.mla_o_bias if ours else False,
         latent_layernorm=bool(getattr(config, "qk_latent_layernorm", False)),
         q_lora_rank=getattr(config, "q_lora_rank", None),
+        **_pair_freqs(config, layer_idx),
     )
+
+
+def _pair_freqs(config, layer_idx: int | None) -> dict:
+    freqs = getattr(config, "qk_rope_pair_freqs", None)
+    if not freqs:
+        return {}
+    if len(freqs) != config.num_hidden_layers or any(len(f) * 2 != config.qk_rope_head_dim for f in freqs):
+        raise ValueError("qk_rope_pair_freqs must list qk_rope_head_dim / 2 frequencies for every layer: the config "
+                         "is inconsistent; reconvert the checkpoint")
+    return {"source_rotary_dim": config.head_dim,
+            "rope_pair_freqs": tuple(freqs[layer_idx]) if layer_idx is not None else None}
 
 
 def block_rope_parameters(config) -> dict:

@@ -59,6 +59,9 @@ class LatentAttention(nn.Module):
         self.rotary_emb = get_rope(layout.rope_block_dim, max_position=config.max_position_embeddings,
                                    is_neox_style=not layout.rope_interleave,
                                    rope_parameters=block_rope_parameters(config))
+        # Selected-frequency layout: the source's rotary (head_dim wide) gives every frequency; each rope
+        # pair picks its own. A plain list keeps it out of the state dict.
+        self.pair_freqs = list(layout.rope_pair_freqs) if layout.rope_pair_freqs is not None else None
         self.mla_attn = MLAAttention(
             num_heads=self.num_heads, scale=layout.softmax_scale, qk_nope_head_dim=self.qk_nope_head_dim,
             qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=None,
@@ -75,7 +78,10 @@ class LatentAttention(nn.Module):
             [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.kv_a_layernorm is not None:
             c_kv = self.kv_a_layernorm(c_kv)
-        q_pe, k_pe = rotate_rope_dims(self.rotary_emb, positions, q_pe, k_pe)
+        if self.pair_freqs is not None:
+            q_pe, k_pe = rotate_selected_pairs(self.rotary_emb, positions, q_pe, k_pe, self.pair_freqs)
+        else:
+            q_pe, k_pe = rotate_rope_dims(self.rotary_emb, positions, q_pe, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = self.mla_attn(q, c_kv.contiguous(), k_pe.view(tokens, 1, self.qk_rope_head_dim),
                             output_shape=(tokens, self.num_heads * self.v_head_dim))
@@ -91,3 +97,19 @@ def rotate_rope_dims(rotary_emb, positions: torch.Tensor, q_pe: torch.Tensor, k_
                                              k_pe.contiguous())
     return q_rot.view(tokens, heads, width), k_rot
 
+
+
+def rotate_selected_pairs(rotary_emb, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor,
+                          pair_freqs: list[int]):
+    """Neox RoPE on q_pe [T, H, D] and k_pe [T, D] where rope pair p (dims p, p + D/2) turns at source
+    frequency pair_freqs[p]; cos/sin come from the source rotary's cache [max_pos, head_dim] (cos | sin)."""
+    cache = rotary_emb.cos_sin_cache.to(device=q_pe.device, dtype=q_pe.dtype)
+    cos_sin = cache.index_select(0, positions.flatten())
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    cos, sin = cos[:, pair_freqs], sin[:, pair_freqs]  # [T, D / 2]
+
+    def rotate(x, c, s):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    return rotate(q_pe, cos[:, None], sin[:, None]), rotate(k_pe, cos, sin)

@@ -1,0 +1,126 @@
+"""Baselines for the quality benchmark, at the same KV-cache size as ours (no fine-tuning for anyone).
+
+Both are applied to the original transformers Llama in place and measured with the same perplexity code.
+Cache budget B = dims cached per token and layer (the original caches 2 * n_kv * d).
+
+* per-head SVD: each KV head's W_k and W_v [d, hidden] replaced by their best rank-r approximation
+  (r = B / (2 n_kv)); the cache holds the r-dim codes of every head and RoPE is applied after
+  reconstruction. Plain weight SVD, no calibration.
+* MHA2MLA-style (Ji et al. 2025, "Towards Economical Inference: Enabling DeepSeek's Multi-Head Latent
+  Attention in Any Transformer-based LLMs"): partial RoPE keeps, per KV head, the r rotary frequencies
+  with the largest 2-norm contribution  sum_{h in group} mean|q_{h,i}| * mean|k_{j,i}|  measured on the
+  calibration text (S_2-norm); the other frequencies lose their rotation (NoPE). The NoPE key rows of
+  all heads and all value rows are compressed together by one truncated SVD of the stacked weights
+  [W_k_nope ; W_v] (SVD_joint) to rank B - 2 r n_kv. r is swept and the best is reported.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import (
+    ALL_ATTENTION_FUNCTIONS,
+    LlamaAttention,
+    eager_attention_forward,
+    rotate_half,
+)
+
+
+def low_rank(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-`rank` approximation of weight [out, in] (truncated SVD, float64)."""
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(weight.dtype)
+
+
+def _shape(model):
+    cfg = model.config
+    return cfg.num_key_value_heads, cfg.head_dim
+
+
+def apply_per_head_svd(model, budget: int) -> dict:
+    """In place; returns the settings. budget: cached dims per token and layer."""
+    n_kv, d = _shape(model)
+    rank = budget // (2 * n_kv)
+    if rank < 1:
+        raise ValueError(f"budget {budget} is below one dim per head for K and V")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                w = proj.weight.view(n_kv, d, -1)
+                proj.weight.copy_(torch.stack([low_rank(w[j], rank) for j in range(n_kv)]).view_as(proj.weight))
+    return {"rank_per_head": rank, "cached_dims": 2 * n_kv * rank}
+
+
+def pair_scores(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer [n_kv, d/2]: sum over the group's query heads of mean|q_pair| * mean|k_pair| (pre-rope
+    norms of each rotary pair; RoPE does not change them)."""
+    n_kv, d = _shape(model)
+    heads = model.config.num_attention_heads
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_proj", "k_proj"):
+            hooks.append(getattr(layer.self_attn, name).register_forward_hook(
+                lambda m, inp, out, key=(i, name): seen.__setitem__(key, out.detach())))
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+
+    def pair_norm(x, n):  # [B, T, n*d] -> [n, d/2] mean over tokens of each pair's norm
+        x = x.reshape(-1, n, 2, d // 2)
+        return x.norm(dim=2).mean(dim=0)
+
+    scores = []
+    for i in range(len(model.model.layers)):
+        q = pair_norm(seen[i, "q_proj"], heads).view(n_kv, heads // n_kv, d // 2).sum(dim=1)
+        k = pair_norm(seen[i, "k_proj"], n_kv)
+        scores.append(q * k)
+    return scores
+
+
+class PartialRopeAttention(LlamaAttention):
+    """Llama attention where RoPE rotates only the pairs in `rope_pairs` [n_kv, d/2] (bool) of each KV
+    head (and of its query heads); the other pairs are position-free (NoPE)."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, d]
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, n_kv, T, d]
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings  # [B, T, d]
+        mask = torch.cat([self.rope_pairs, self.rope_pairs], dim=-1)[None, :, None, :]  # [1, n_kv, 1, d]
+
+        def rotate(x, groups):
+            m = mask.repeat_interleave(groups, dim=1)
+            c = torch.where(m, cos[:, None], torch.ones_like(cos[:, None]))
+            s = torch.where(m, sin[:, None], torch.zeros_like(sin[:, None]))
+            return x * c + rotate_half(x) * s
+
+        q, k = rotate(q, self.num_key_value_groups), rotate(k, 1)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def apply_mha2mla(model, budget: int, rope_pairs: int, calib_tokens: torch.Tensor) -> dict:
+    """In place; returns the settings. rope_pairs: rotary pairs kept per KV head."""
+    n_kv, d = _shape(model)
+    rank = budget - 2 * rope_pairs * n_kv
+    if rank < 1 or rope_pairs > d // 2:
+        raise ValueError(f"budget {budget} leaves no latent beside {rope_pairs} rope pairs per head")
+    scores = pair_scores(model, calib_tokens)
+    with torch.no_grad():
+        for layer, score in zip(model.model.layers, scores):
+            attn = layer.self_attn
+            keep = torch.zeros(n_kv, d // 2, dtype=torch.bool)
+            keep.scatter_(1, score.topk(rope_pairs, dim=1).indices, True)
+            dims = torch.cat([keep, keep], dim=1).reshape(-1)  # [n_kv * d] key rows that keep RoPE
+            w_k, w_v = attn.k_proj.weight, attn.v_proj.weight
+            joint = low_rank(torch.cat([w_k[~dims], w_v]), rank)
+            w_k[~dims] = joint[: int((~dims).sum())]
+            w_v.copy_(joint[int((~dims).sum()):])
+            attn.__class__ = PartialRopeAttention
+            attn.register_buffer("rope_pairs", keep, persistent=False)
+    return {"rope_pairs_per_head": rope_pairs, "rope_dims": 2 * rope_pairs * n_kv, "latent_rank": rank,
+            "cached_dims": budget}
