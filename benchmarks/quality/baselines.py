@@ -124,3 +124,15 @@ def apply_mha2mla(model, budget: int, rope_pairs: int, calib_tokens: torch.Tenso
             attn.register_buffer("rope_pairs", keep, persistent=False)
     return {"rope_pairs_per_head": rope_pairs, "rope_dims": 2 * rope_pairs * n_kv, "latent_rank": rank,
             "cached_dims": budget}
+
+
+def calibration_batch(model_path, sequences: int = 16, seq_len: int = 256) -> torch.Tensor:
+    """[sequences, seq_len] tokens of the shipped calibration text (the one our converter uses)."""
+    from transformers import AutoTokenizer
+
+    from vllm_transmla.convert.calibration import read_calibration_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    texts, _ = read_calibration_texts(None)
+    ids = tokenizer(texts[0], add_special_tokens=False).input_ids[: sequences * seq_len]
+    return torch.tensor(ids).view(-1, seq_len)

@@ -1,0 +1,61 @@
+"""The quality benchmark's claims, checked on the reference model at two cache sizes: the baselines are
+implemented right (at full budget they are the original model) and ours is below the MHA2MLA-style
+baseline (best of its swept rope widths) at 12.5% and 50% of the cache. The full sweep is
+benchmarks/quality/run.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+
+from baselines import apply_mha2mla, apply_per_head_svd, calibration_batch  # noqa: E402
+
+from vllm_transmla.convert.pipeline import convert  # noqa: E402
+from vllm_transmla.demo import heldout_text, reference_model  # noqa: E402
+from vllm_transmla.evaluate import perplexity  # noqa: E402
+
+MAX_TOKENS = 4096
+
+
+def _model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(reference_model(), dtype=torch.float32).eval()
+
+
+def _ppl(path, model=None):
+    return perplexity(path, heldout_text(), max_tokens=MAX_TOKENS, model=model)["perplexity"]
+
+
+def test_baselines_at_full_budget_are_the_original():
+    original = _ppl(reference_model())
+    full = 2 * 2 * 32  # 2 KV heads of 32: K and V
+    svd = _model()
+    apply_per_head_svd(svd, full)
+    mha2mla = _model()
+    apply_mha2mla(mha2mla, full, 16, calibration_batch(reference_model(), sequences=4))  # every pair roped
+    assert abs(_ppl(reference_model(), svd) - original) < 1e-3
+    assert abs(_ppl(reference_model(), mha2mla) - original) < 1e-3
+    # and compression is not free: a quarter of the budget costs perplexity
+    quarter = _model()
+    apply_mha2mla(quarter, full // 4, 4, calibration_batch(reference_model(), sequences=4))
+    assert _ppl(reference_model(), quarter) > 1.2 * original
+
+
+@pytest.mark.parametrize("fraction", [0.125, 0.5])
+def test_ours_below_mha2mla(fraction, tmp_path):
+    budget = int(fraction * 128)
+    calib = calibration_batch(reference_model())
+    baseline = []
+    for pairs in (1, 2, 4, 8, 16):
+        if budget - 4 * pairs >= 1:
+            m = _model()
+            apply_mha2mla(m, budget, pairs, calib)
+            baseline.append(_ppl(reference_model(), m))
+    ours = _ppl(convert(reference_model(), tmp_path / "ours", kv_ratio=fraction, progress=False))
+    assert ours < min(baseline), (ours, baseline)
