@@ -1,9 +1,11 @@
 """Peak memory of a compressed conversion on a random Llama model much larger than the reference model.
 
 Builds the model (in its own process), then converts it in a fresh process and measures that process's
-peak resident memory above its resident memory after imports (`ru_maxrss`). The bound it is compared
-with is what the streamed design needs: two decoder layers + the embeddings + the calibration
-activations (hidden states of all calibration tokens) + one output shard. Writes JSON.
+peak resident memory above its resident memory after imports (`ru_maxrss`, which includes mapped
+source pages) and the peak of its anonymous memory (sampled). The bound is what the streamed design
+needs: two decoder layers + the embeddings + the calibration activations (hidden states, keys and
+values of all calibration tokens). Output shards are streamed to disk (not held), and source shards
+are unmapped after every layer. Writes JSON.
 
     python benchmarks/memory/run.py            # ~2 minutes; writes benchmarks/memory/results.json
 """
@@ -43,12 +45,14 @@ def measure(src: str, dst: str) -> dict:
     from vllm_transmla.convert.pipeline import convert
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    base_anon = _rss_parts()["RssAnon"]
-    peak_anon, done = [base_anon], threading.Event()
+    base_parts = _rss_parts()
+    peak_anon, peak_file, done = [base_parts["RssAnon"]], [base_parts["RssFile"]], threading.Event()
 
-    def sample():  # the peak of anonymous memory: what the conversion holds, not mapped source pages
-        while not done.is_set():
-            peak_anon[0] = max(peak_anon[0], _rss_parts()["RssAnon"])
+    def sample():  # anonymous memory is what the conversion holds; file pages are mapped source shards
+        while not done.is_set():  # and libraries paged in on first use, which the kernel may drop
+            parts = _rss_parts()
+            peak_anon[0] = max(peak_anon[0], parts["RssAnon"])
+            peak_file[0] = max(peak_file[0], parts["RssFile"])
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -59,7 +63,8 @@ def measure(src: str, dst: str) -> dict:
     sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"baseline_rss_bytes": base, "peak_rss_bytes": peak, "conversion_peak_rss_bytes": peak - base,
-            "conversion_peak_anon_bytes": peak_anon[0] - base_anon}
+            "conversion_peak_anon_bytes": peak_anon[0] - base_parts["RssAnon"],
+            "conversion_peak_file_backed_bytes": peak_file[0] - base_parts["RssFile"]}
 
 
 def main() -> None:
@@ -80,15 +85,19 @@ def main() -> None:
         params = sum(p.stat().st_size for p in Path(src).glob("*.safetensors")) // 4
     h, n_layers = SHAPE["hidden_size"], SHAPE["num_hidden_layers"]
     layer_bytes = (params - 2 * SHAPE["vocab_size"] * h) * 4 // n_layers
+    kv_width = SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
     bound = {"two_layers": 2 * layer_bytes, "embeddings": 2 * SHAPE["vocab_size"] * h * 4,
-             "calibration_activations": CALIB_TOKENS * h * 4, "one_output_shard": 64 * 10**6}
+             "calibration_activations": CALIB_TOKENS * (h + 2 * kv_width) * 4}
     reference_params = 3_870_000
     result = {"model": {**SHAPE, "parameters": params, "x_reference_model": round(params / reference_params, 1),
                         "fp32_bytes": params * 4},
               "conversion": {"kv_ratio": 0.25, "calibration_tokens": CALIB_TOKENS, "max_shard_size": SHARD},
               **measured, "bound_bytes": {**bound, "total": sum(bound.values())},
               "within_bound_anon": measured["conversion_peak_anon_bytes"] < sum(bound.values()),
-              "within_bound_rss": measured["conversion_peak_rss_bytes"] < sum(bound.values())}
+              "within_bound_rss": measured["conversion_peak_rss_bytes"] < sum(bound.values()),
+              "note": "anonymous memory is what the conversion holds; RSS adds file-backed pages (the mapped "
+                      "source shard of the current layer, shared libraries paged in on first use), which the "
+                      "kernel can drop under pressure"}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

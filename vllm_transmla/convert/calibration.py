@@ -81,8 +81,11 @@ class LayerByLayer:
         """The original decoder layer `layer` (fp32), built once and kept until the next layer."""
         if self._module is None or self._module_index != layer:
             self._module = None  # drop the previous layer before building the next
-            module = self.layer_cls(self.config, layer).float().eval()
-            missing, unexpected = module.load_state_dict(self._layer_state(layer), strict=False)
+            # Built on the meta device and given the loaded tensors themselves (assign): one copy of the
+            # layer in memory, not an initialised module plus the state dict.
+            with torch.device("meta"):
+                module = self.layer_cls(self.config, layer).eval()
+            missing, unexpected = module.load_state_dict(self._layer_state(layer), strict=False, assign=True)
             if missing or unexpected:
                 raise TransMLAError(f"layer {layer}: cannot run the original layer for calibration "
                                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -97,27 +100,36 @@ class LayerByLayer:
             return torch.cat([norm(chunk) for chunk in hidden.split(self.batch_size)])
 
     def stats(self, layer: int) -> LayerStats:
-        """Keys and values (pre-rope, with bias) of `layer` over all calibration tokens."""
-        fam, w = self.source.family, self.source.weights
-        x = self.attention_inputs(layer).reshape(-1, self.hidden.shape[-1])
+        """Keys and values (pre-rope, with bias) of `layer` over all calibration tokens, their float64
+        second moments, and the queries' per head. Streams over the hidden states a chunk of sequences at
+        a time, so only the keys and values [N, n*d] are held in full."""
+        fam, w, gqa = self.source.family, self.source.weights, self.source.gqa
+        norm = self.module(layer).input_layernorm
 
-        def project(role):
+        def projection(role):
             base = fam.attn_name(role, layer)
-            out = x @ w.get(base + ".weight").float().T
-            return out + w.get(base + ".bias").float() if base + ".bias" in w else out
+            return w.get(base + ".weight").float(), (w.get(base + ".bias").float() if base + ".bias" in w else None)
 
-        keys, values = project("k_proj"), project("v_proj")
-        key_cov = sum(chunk.double().T @ chunk.double() for chunk in keys.split(4096))  # float64, chunked
-        # Per-head query second moments [H, d, d], one chunk of queries at a time.
-        gqa = self.source.gqa
-        q_name = fam.attn_name("q_proj", layer)
-        w_q = w.get(q_name + ".weight").float()
-        b_q = w.get(q_name + ".bias").float() if q_name + ".bias" in w else None
+        def apply(x, weight_bias):
+            out = x @ weight_bias[0].T
+            return out + weight_bias[1] if weight_bias[1] is not None else out
+
+        q_proj, k_proj, v_proj = projection("q_proj"), projection("k_proj"), projection("v_proj")
+        tokens = self.hidden.shape[0] * self.hidden.shape[1]
+        keys, values = torch.empty(tokens, gqa.kv_width), torch.empty(tokens, gqa.kv_width)
+        start = 0
+        key_cov = torch.zeros(gqa.kv_width, gqa.kv_width, dtype=torch.float64)
         query_cov = torch.zeros(gqa.num_heads, gqa.head_dim, gqa.head_dim, dtype=torch.float64)
-        for chunk in x.split(4096):
-            q = chunk @ w_q.T + (b_q if b_q is not None else 0)
-            q = q.double().view(-1, gqa.num_heads, gqa.head_dim)
-            query_cov += torch.einsum("nhd,nhe->hde", q, q)
+        with torch.no_grad():
+            for chunk in self.hidden.split(self.batch_size):
+                x = norm(chunk).reshape(-1, chunk.shape[-1])
+                k = apply(x, k_proj)
+                keys[start:start + len(x)] = k
+                values[start:start + len(x)] = apply(x, v_proj)
+                start += len(x)
+                key_cov += k.double().T @ k.double()
+                q = apply(x, q_proj).double().view(-1, gqa.num_heads, gqa.head_dim)
+                query_cov += torch.einsum("nhd,nhe->hde", q, q)
         return LayerStats(key_cov=key_cov, keys=keys, values=values, query_cov=query_cov)
 
     def position_embeddings(self, batch: int):

@@ -7,12 +7,12 @@ length matches the header) so a truncated or corrupt download fails before anyth
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import TransMLAError
 
@@ -99,6 +99,11 @@ class SourceCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.headers[self.weight_map[name]][name]["shape"])
 
+    def release(self) -> None:
+        """Close the shard handles: their mapped pages leave this process's resident memory (called
+        after each layer, so reading a large model does not accumulate it)."""
+        self._handles.clear()
+
     def get(self, name: str) -> torch.Tensor:
         shard = self.weight_map[name]
         if shard not in self._handles:
@@ -109,31 +114,64 @@ class SourceCheckpoint:
             raise TransMLAError(f"cannot read tensor {name} from {shard} ({err}): re-download the shard") from None
 
 
+# torch dtype -> safetensors dtype name
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2"}
+
+
 class ShardWriter:
-    """Collects tensors and writes shards of at most `max_shard_bytes`, then an index."""
+    """Writes tensors into safetensors shards of at most `max_shard_bytes`, then an index.
+
+    Memory stays at one tensor: each tensor's bytes go straight to a spill file as it arrives (the
+    header, which must come first, is only known once the shard is full), and closing a shard writes
+    the header and copies the spill after it in chunks. safetensors' `save_file` would need the whole
+    shard in memory at once. The result is read back with safetensors in the tests.
+    """
 
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, dict] = {}  # name -> header entry of the open shard
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.total_bytes = 0
+        self._spill = None
+
+    def _spill_path(self) -> Path:
+        return self.directory / f"shard-{len(self.shards):05d}.spill"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TransMLAError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
         nbytes = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        self.pending[name] = tensor.contiguous()
+        if self._spill is None:
+            self._spill = open(self._spill_path(), "wb")
+        flat = tensor.detach().contiguous().reshape(-1)
+        if nbytes:
+            self._spill.write(memoryview(flat.view(torch.uint8).numpy()))
+        self.pending[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.pending_bytes, self.pending_bytes + nbytes]}
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
 
     def flush(self) -> None:
         if not self.pending:
             return
-        save_file(self.pending, str(self.directory / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self._spill.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.pending}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes
+        spill = self._spill_path()
+        with open(self.directory / f"shard-{len(self.shards):05d}.tmp", "wb") as out, open(spill, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        spill.unlink()
         self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_bytes, self._spill = {}, 0, None
 
     def finish(self) -> list[str]:
         """Name shards model-0000i-of-0000N.safetensors and write the index; returns shard names."""

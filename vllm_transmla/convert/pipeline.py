@@ -17,6 +17,7 @@ from ..errors import TransMLAError
 from ..hf.configuration import MLA_CONFIG_CLASSES, mla_kv_bytes_per_token
 from .checkpoint import ShardWriter
 from .exact import exact_attention, exact_mla_shape
+from .memory import return_large_blocks_to_the_system
 from .output import atomic_directory, check_destination, copy_side_files
 from .source import Source, open_source
 
@@ -156,6 +157,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
         raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
     source = open_source(src)
     check_destination(src, dst, overwrite)
+    return_large_blocks_to_the_system()
     pair_freqs = []  # selected-frequency layout: each layer's rope frequencies, for the config
     if mode == "exact":
         mla_shape, settings = exact_mla_shape(source.gqa), {"mode": mode}
@@ -232,6 +234,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
                 local = name.split(f"layers.{layer}.", 1)[1]
                 if not any(local.startswith(p + ".") for p in attn_prefixes):
                     writer.add(name, source.weights.get(name))
+            source.weights.release()
             if delay:
                 time.sleep(delay)
         writer.finish()

@@ -93,6 +93,7 @@ def survey(source: Source, tokens: torch.Tensor, rank: int, rope_dim: int, folds
             result.errors.setdefault(fold, []).append(errors)
         del stats
         runner.advance(layer)
+        source.weights.release()
     return result
 
 
