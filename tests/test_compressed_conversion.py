@@ -196,3 +196,35 @@ def _heldout():
     from vllm_transmla.demo import heldout_text
 
     return heldout_text()
+
+
+@pytest.mark.parametrize("name", ["llama-rope3", "qwen2"])
+def test_query_low_rank(name, tiny_sources, tokens, tmp_path):
+    """--q-lora-rank factors the query projection: at full rank it is the same model; at a lower rank it
+    loads with q_a_proj / q_b_proj of that width, and its error shrinks as the rank grows."""
+    config = json.loads((tiny_sources[name] / "config.json").read_text())
+    kw = dict(kv_lora_rank=40, qk_rope_dim=24, calib_seq_len=64, progress=False)
+    plain = convert(tiny_sources[name], tmp_path / "plain", **kw)
+    full = convert(tiny_sources[name], tmp_path / "full", q_lora_rank=config["hidden_size"], **kw)
+    low = convert(tiny_sources[name], tmp_path / "low", q_lora_rank=24, **kw)
+    reference = _logits(plain, tokens)
+    assert (reference - _logits(full, tokens)).abs().max().item() < 1e-3
+    index = json.loads((low / "model.safetensors.index.json").read_text())["weight_map"]
+    attn_names = {n.split("self_attn.")[1] for n in index if n.startswith("model.layers.0.self_attn.")}
+    assert {"q_a_proj.weight", "q_b_proj.weight"} <= attn_names and not any(n.startswith("q_proj") for n in attn_names)
+    model, info = AutoModelForCausalLM.from_pretrained(low, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    attn = model.model.layers[0].self_attn
+    assert attn.q_a_proj.out_features == 24 and not hasattr(attn, "q_proj")
+    assert (attn.q_b_proj.bias is not None) == (name == "qwen2")
+    # the error shrinks as the query rank grows
+    mid = convert(tiny_sources[name], tmp_path / "mid", q_lora_rank=48, **kw)
+    low_err = (reference - _logits(low, tokens)).abs().mean().item()
+    mid_err = (reference - _logits(mid, tokens)).abs().mean().item()
+    assert low_err > mid_err > 1e-4
+
+
+def test_query_low_rank_out_of_range(tiny_sources, tmp_path):
+    with pytest.raises(TransMLAError, match=r"q-lora-rank 100000 is out of range"):
+        convert(tiny_sources["llama-rope3"], tmp_path / "out", q_lora_rank=100_000, progress=False)
+    assert not (tmp_path / "out").exists()

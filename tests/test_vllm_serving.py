@@ -135,15 +135,16 @@ def test_public_converter_layout_serves(tmp_path, prompts):
     assert result["use_mla"] and result["head_size"] == 64 + 64
 
 
-@pytest.mark.parametrize("rank,rope,fold", [(96, 32, 1), (16, 16, 2), (40, 24, "select")])
-def test_compressed_checkpoint_serves(rank, rope, fold, tiny_sources, prompts, tmp_path):
+@pytest.mark.parametrize("rank,rope,fold,q_rank", [(96, 32, 1, None), (16, 16, 2, None), (40, 24, "select", 48)])
+def test_compressed_checkpoint_serves(rank, rope, fold, q_rank, tiny_sources, prompts, tmp_path):
     """Compressed checkpoints (the largest legal latent of the tiny Llama, 96 + 32, a small one, 16 + 16
     with FreqFold 2, and 40 + 24 in the selected-frequency layout, where every rope pair turns at its own
-    source frequency) serve in vLLM with the greedy tokens of the transformers compressed model."""
+    source frequency, with rank-48 queries) serve in vLLM with the greedy tokens of the transformers
+    compressed model."""
     from vllm_transmla.convert.pipeline import convert
 
     dst = convert(tiny_sources["llama-rope3"], tmp_path / "mla", kv_lora_rank=rank, qk_rope_dim=rope, freqfold=fold,
-                  calib_seq_len=64, progress=False)
+                  q_lora_rank=q_rank, calib_seq_len=64, progress=False)
     reference = hf_greedy(dst, prompts, MAX_TOKENS)
     result = run_vllm({"model": str(dst), **_job(prompts)})
     _assert_same_greedy(reference, result, f"compressed {rank}+{rope}")

@@ -17,7 +17,7 @@ def _cmd_convert(args) -> int:
                   progress=not args.quiet, kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim,
                   kv_ratio=args.kv_ratio, freqfold=args.freqfold, calib=args.calib,
                   calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens,
-                  rank_allocation=args.rank_allocation)
+                  rank_allocation=args.rank_allocation, q_lora_rank=args.q_lora_rank)
     from transformers import AutoConfig
 
     src_cfg, dst_cfg = AutoConfig.from_pretrained(args.src), AutoConfig.from_pretrained(dst)
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-allocation", choices=["uniform", "measured"], default=None,
                    help="one latent rank for every layer, or per-layer ranks that minimise the calibration "
                         "attention error (same total cache)")
+    p.add_argument("--q-lora-rank", type=int, help="factor the query projection through this many dims "
+                   "(principal query directions on the calibration text; default: full-rank queries)")
     p.add_argument("--calib", nargs="+", help="calibration text or jsonl files (default: shipped text)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens used at most")

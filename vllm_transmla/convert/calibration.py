@@ -99,10 +99,11 @@ class LayerByLayer:
         with torch.no_grad():
             return torch.cat([norm(chunk) for chunk in hidden.split(self.batch_size)])
 
-    def stats(self, layer: int) -> LayerStats:
+    def stats(self, layer: int, input_cov: bool = False) -> LayerStats:
         """Keys and values (pre-rope, with bias) of `layer` over all calibration tokens, their float64
-        second moments, and the queries' per head. Streams over the hidden states a chunk of sequences at
-        a time, so only the keys and values [N, n*d] are held in full."""
+        second moments, the queries' per head, and with `input_cov` the attention input's [hidden, hidden].
+        Streams over the hidden states a chunk of sequences at a time, so only the keys and values
+        [N, n*d] are held in full."""
         fam, w, gqa = self.source.family, self.source.weights, self.source.gqa
         norm = self.module(layer).input_layernorm
 
@@ -120,6 +121,8 @@ class LayerByLayer:
         start = 0
         key_cov = torch.zeros(gqa.kv_width, gqa.kv_width, dtype=torch.float64)
         query_cov = torch.zeros(gqa.num_heads, gqa.head_dim, gqa.head_dim, dtype=torch.float64)
+        hidden = self.hidden.shape[-1]
+        x_cov = torch.zeros(hidden, hidden, dtype=torch.float64) if input_cov else None
         with torch.no_grad():
             for chunk in self.hidden.split(self.batch_size):
                 x = norm(chunk).reshape(-1, chunk.shape[-1])
@@ -130,7 +133,9 @@ class LayerByLayer:
                 key_cov += k.double().T @ k.double()
                 q = apply(x, q_proj).double().view(-1, gqa.num_heads, gqa.head_dim)
                 query_cov += torch.einsum("nhd,nhe->hde", q, q)
-        return LayerStats(key_cov=key_cov, keys=keys, values=values, query_cov=query_cov)
+                if x_cov is not None:
+                    x_cov += x.double().T @ x.double()
+        return LayerStats(key_cov=key_cov, keys=keys, values=values, query_cov=query_cov, input_cov=x_cov)
 
     def position_embeddings(self, batch: int):
         return tuple(t.expand(batch, -1, -1) for t in self.cos_sin)

@@ -150,6 +150,7 @@ class LayerStats:
     keys: torch.Tensor  # [N, n*d] keys (pre-rope, with bias), float32
     values: torch.Tensor  # [N, n*d]
     query_cov: torch.Tensor | None = None  # [H, d, d] sum q_h q_h^T per query head; None: unweighted PCA
+    input_cov: torch.Tensor | None = None  # [hidden, hidden] sum x x^T of the attention input (query low-rank)
 
 
 @dataclass
@@ -224,7 +225,8 @@ def analyse_layer(gqa: GQAShape, rope_dim: int, freqfold: int, stats: LayerStats
 
 
 def build_layer(gqa: GQAShape, basis: LayerBasis, rank: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                q_bias=None, k_bias=None, v_bias=None) -> dict[str, torch.Tensor]:
+                q_bias=None, k_bias=None, v_bias=None, q_lora_rank: int | None = None,
+                input_cov: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """MLA tensors of one layer at latent rank `rank` (see the module docstring); shapes as in exact.py,
     with qk_nope_head_dim = v_head_dim = d and q_proj [H * (d + D), hidden].
 
@@ -271,7 +273,32 @@ def build_layer(gqa: GQAShape, basis: LayerBasis, rank: int, q: torch.Tensor, k:
         tensors["q_proj.bias"] = torch.cat(q_bias_rows)
     if k_bias is not None or v_bias is not None:
         tensors["kv_a_proj_with_mqa.bias"] = kv_a_bias
+    if q_lora_rank:
+        factors = query_low_rank(tensors.pop("q_proj.weight"), tensors.pop("q_proj.bias", None), q_lora_rank,
+                                 input_cov)
+        tensors.update(factors)
     return {name: t.to(out_dtype).contiguous() for name, t in tensors.items()}
+
+
+def query_low_rank(weight: torch.Tensor, bias: torch.Tensor | None, rank: int,
+                   input_cov: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """q = W x + b  ->  q_b_proj(q_a_proj(x)) = U (U^T W x) + b with U [H*(d+D), rank] the top principal
+    directions of the queries W x over the calibration inputs (E[x x^T] = input_cov; identity without
+    it), which minimises the mean squared query error at that rank. No norm between the two."""
+    cov = input_cov if input_cov is not None else torch.eye(weight.shape[1], dtype=weight.dtype)
+    values, vectors = torch.linalg.eigh(weight @ cov.to(weight.dtype) @ weight.T)
+    basis = vectors[:, values.argsort(descending=True)[:rank]]  # [H*(d+D), rank]
+    out = {"q_a_proj.weight": basis.T @ weight, "q_b_proj.weight": basis}
+    if bias is not None:
+        out["q_b_proj.bias"] = bias
+    return out
+
+
+def check_q_lora_rank(gqa: GQAShape, rank: int, rope_dim: int) -> None:
+    limit = min(gqa.hidden_size, gqa.num_heads * (gqa.head_dim + rope_dim))
+    if not 0 < rank <= limit:
+        raise TransMLAError(f"--q-lora-rank {rank} is out of range: it must be in 1..{limit} (at most hidden_size "
+                            f"and num_heads * (head_dim + qk_rope_dim)) for this model")
 
 
 def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int, stats: LayerStats,

@@ -37,6 +37,7 @@ class MLAShape:
     v_head_dim: int
     qk_rope_num_blocks: int
     kv_lora_ranks: tuple[int, ...] | None = None  # per layer; kv_lora_rank is then their maximum
+    q_lora_rank: int | None = None  # low-rank queries (q_a_proj, q_b_proj)
 
     def config_fields(self) -> dict:
         fields = dict(kv_lora_rank=self.kv_lora_rank, qk_rope_head_dim=self.qk_rope_head_dim,
@@ -44,4 +45,6 @@ class MLAShape:
                       qk_rope_num_blocks=self.qk_rope_num_blocks)
         if self.kv_lora_ranks is not None:
             fields["kv_lora_ranks"] = list(self.kv_lora_ranks)
+        if self.q_lora_rank is not None:
+            fields["q_lora_rank"] = self.q_lora_rank
         return fields

@@ -135,23 +135,25 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
             max_shard_size: str | int = "2GB", progress: bool = True, kv_lora_rank: int | None = None,
             qk_rope_dim: int | None = None, kv_ratio: float | None = None, freqfold: int | None = None,
             calib: list[str] | None = None, calib_seq_len: int = 256, calib_tokens: int = 32768,
-            rank_allocation: str | None = None) -> Path:
+            rank_allocation: str | None = None, q_lora_rank: int | None = None) -> Path:
     """Convert the checkpoint at `src` into an MLA checkpoint at `dst`; returns `dst`.
 
     mode "exact": same function, same cache. mode "compressed": RoRoPE + FreqFold + balanced K/V PCA to
     a latent of kv_lora_rank + qk_rope_dim, calibrated on `calib` files (the shipped text by default).
     freqfold "auto" picks the FreqFold with the least calibration attention error; rank_allocation
     "measured" gives each layer its own rank (same total cache) by measured attention error (survey.py).
+    q_lora_rank factors the query projection through that many dims (principal query directions).
     Reads one layer at a time; holds at most one layer, the calibration activations and one output shard.
     """
     src, dst = Path(src), Path(dst)
-    compressing = any(v is not None for v in (kv_lora_rank, qk_rope_dim, kv_ratio, freqfold, rank_allocation))
+    compressing = any(v is not None for v in (kv_lora_rank, qk_rope_dim, kv_ratio, freqfold, rank_allocation,
+                                              q_lora_rank))
     if rank_allocation not in (None, "uniform", "measured"):
         raise TransMLAError(f"--rank-allocation {rank_allocation!r}: use 'uniform' (one rank for every layer) or "
                             f"'measured' (per-layer ranks by calibration error, same total cache)")
     mode = mode or ("compressed" if compressing else "exact")
     if mode == "exact" and compressing:
-        raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation need "
+        raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation/--q-lora-rank need "
                             "--mode compressed (exact mode keeps the full K and V)")
     if mode not in ("exact", "compressed"):
         raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
@@ -166,7 +168,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
             return exact_attention(source.gqa, q, k, v, qb, kb, vb)
     else:
         from .calibration import LayerByLayer, calibration_tokens
-        from .compress import analyse_layer, build_layer, compressed_mla_shape
+        from .compress import analyse_layer, build_layer, check_q_lora_rank, compressed_mla_shape
         from .survey import freqfold_candidates, output_weight, survey
 
         chosen = resolve_compression(source.gqa, kv_lora_rank, qk_rope_dim, kv_ratio, freqfold)
@@ -177,9 +179,12 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
         candidates = freqfold_candidates(source.gqa, rope) if fold == "auto" else [fold]
         candidates = candidates or [source.gqa.head_dim // rope]
         compressed_mla_shape(source.gqa, rank, rope, candidates[0])  # validates the settings before any work
+        if q_lora_rank is not None:
+            check_q_lora_rank(source.gqa, q_lora_rank, rope)
         tokens, calib_names = calibration_tokens(source, calib, calib_seq_len, calib_tokens)
         settings = {"mode": mode, "kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold,
-                    "rank_allocation": rank_allocation or "uniform", "calibration_files": calib_names,
+                    "rank_allocation": rank_allocation or "uniform", "q_lora_rank": q_lora_rank,
+                    "calibration_files": calib_names,
                     "calibration_tokens": int(tokens.numel()), "calibration_seq_len": calib_seq_len}
         ranks = [rank] * source.num_layers
         if fold == "auto" or rank_allocation == "measured":
@@ -199,13 +204,16 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite
         mla_shape = compressed_mla_shape(source.gqa, max(ranks), rope, fold)
         if rank_allocation == "measured":
             mla_shape = dataclasses.replace(mla_shape, kv_lora_ranks=tuple(ranks))
+        mla_shape = dataclasses.replace(mla_shape, q_lora_rank=q_lora_rank)
         runner = LayerByLayer(source, tokens)
 
 
         def attention_fn(layer, q, k, v, qb, kb, vb):
-            basis = analyse_layer(source.gqa, rope, fold, runner.stats(layer), output_weight(source, layer))
+            stats = runner.stats(layer, input_cov=q_lora_rank is not None)
+            basis = analyse_layer(source.gqa, rope, fold, stats, output_weight(source, layer))
             pair_freqs.append(basis.pair_freqs)
-            tensors = build_layer(source.gqa, basis, ranks[layer], q, k, v, qb, kb, vb)
+            tensors = build_layer(source.gqa, basis, ranks[layer], q, k, v, qb, kb, vb, q_lora_rank, stats.input_cov)
+            del stats
             runner.advance(layer)
             return tensors
     config = mla_config(source, mla_shape, settings)

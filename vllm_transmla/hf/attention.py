@@ -71,9 +71,11 @@ class MLAAttention(nn.Module):
         self.absorb = False
 
         hidden = config.hidden_size
-        if layout.q_lora_rank:
-            raise NotImplementedError("q_lora_rank (low-rank queries) is not supported yet")
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=layout.q_bias)
+        if layout.q_lora_rank:  # low-rank queries: q_b_proj(q_a_proj(x)), no norm between (exact factorisation)
+            self.q_a_proj = nn.Linear(hidden, layout.q_lora_rank, bias=False)
+            self.q_b_proj = nn.Linear(layout.q_lora_rank, self.num_heads * self.qk_head_dim, bias=layout.q_bias)
+        else:
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=layout.q_bias)
         self.kv_a_proj_with_mqa = nn.Linear(
             hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=layout.kv_a_bias
         )
@@ -87,7 +89,8 @@ class MLAAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 **kwargs):
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.qk_head_dim)
+        q = self.q_b_proj(self.q_a_proj(hidden_states)) if self.layout.q_lora_rank else self.q_proj(hidden_states)
+        q = q.view(b, t, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split(
             [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1

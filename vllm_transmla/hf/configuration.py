@@ -97,9 +97,17 @@ def mla_layout(config, layer_idx: int | None = None) -> MLALayout:
         q_bias=config.mla_q_bias if ours else bias, kv_a_bias=config.mla_kv_a_bias if ours else bias,
         o_bias=config.mla_o_bias if ours else False,
         latent_layernorm=bool(getattr(config, "qk_latent_layernorm", False)),
-        q_lora_rank=getattr(config, "q_lora_rank", None),
+        q_lora_rank=_q_lora_rank(config, ours),
         **_pair_freqs(config, layer_idx),
     )
+
+
+def _q_lora_rank(config, ours: bool) -> int | None:
+    rank = getattr(config, "q_lora_rank", None)
+    if rank and not ours:  # DeepSeek's low-rank queries put q_a_layernorm between the two projections
+        raise NotImplementedError(f"q_lora_rank={rank} in the deepseek_v3 dialect (with q_a_layernorm) is not "
+                                  f"supported: convert the source with vllm-transmla instead")
+    return rank
 
 
 def _pair_freqs(config, layer_idx: int | None) -> dict:

@@ -34,9 +34,6 @@ class LatentAttention(nn.Module):
             raise ValueError(f"num_attention_heads={config.num_attention_heads} is not divisible by "
                              f"tensor_parallel_size={tp}: choose a tensor_parallel_size that divides it")
         layout = mla_layout(config, extract_layer_index(prefix))
-        if layout.q_lora_rank:
-            raise NotImplementedError(f"q_lora_rank={layout.q_lora_rank} (low-rank queries) is not supported "
-                                      f"yet: convert without a query low-rank")
         self.num_heads = config.num_attention_heads // tp
         self.kv_lora_rank = layout.kv_lora_rank
         self.qk_nope_head_dim = layout.qk_nope_head_dim
@@ -45,8 +42,15 @@ class LatentAttention(nn.Module):
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         hidden, heads = config.hidden_size, config.num_attention_heads
 
-        self.q_proj = ColumnParallelLinear(hidden, heads * self.qk_head_dim, bias=layout.q_bias,
-                                           quant_config=quant_config, prefix=f"{prefix}.q_proj")
+        self.q_lora_rank = layout.q_lora_rank
+        if self.q_lora_rank:  # low-rank queries, no norm between (see hf/attention.py)
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=False, quant_config=quant_config,
+                                             prefix=f"{prefix}.q_a_proj")
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * self.qk_head_dim, bias=layout.q_bias,
+                                                 quant_config=quant_config, prefix=f"{prefix}.q_b_proj")
+        else:
+            self.q_proj = ColumnParallelLinear(hidden, heads * self.qk_head_dim, bias=layout.q_bias,
+                                               quant_config=quant_config, prefix=f"{prefix}.q_proj")
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.qk_rope_head_dim,
                                                    bias=layout.kv_a_bias, quant_config=quant_config,
                                                    prefix=f"{prefix}.kv_a_proj_with_mqa")
@@ -72,7 +76,11 @@ class LatentAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.shape[0]
-        q = self.q_proj(hidden_states)[0].view(tokens, self.num_heads, self.qk_head_dim)
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_proj(hidden_states)[0])[0]
+        else:
+            q = self.q_proj(hidden_states)[0]
+        q = q.view(tokens, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split(
             [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
