@@ -45,17 +45,43 @@ def _reference_decode(q, latents, scale, rank):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("path", ["batched", "per-sequence"])
 @pytest.mark.parametrize("heads,rank,rope", [(1, 64, 16), (4, 64, 16), (16, 48, 16), (8, 512, 64)])
-def test_decode_matches_sdpa(heads, rank, rope):
+def test_decode_matches_sdpa(heads, rank, rope, path, monkeypatch):
+    """Both decode paths (one padded batch; a sequence at a time, used for long contexts) and calls in a
+    row (the gather workspaces are reused) match fp32 SDPA."""
+    from vllm_transmla.serving import backend
+
+    if path == "per-sequence":
+        monkeypatch.setattr(backend, "BATCHED_DECODE_BYTES", 0)
     torch.manual_seed(heads)
-    seq_lens = [1, 15, 16, 17, 90]
-    latents = [torch.randn(n, rank + rope) for n in seq_lens]
-    cache, table = _paged_cache(latents, num_blocks=40)
-    q = torch.randn(len(seq_lens), heads, rank + rope)
-    scale = (rank + rope) ** -0.5
-    got = paged_latent_decode(q, cache, table, torch.tensor(seq_lens), scale, rank)
-    want = _reference_decode(q, latents, scale, rank)
-    assert (got - want).abs().max().item() < 1e-5
+    for seq_lens in ([1, 15, 16, 17, 90], [33, 2]):
+        latents = [torch.randn(n, rank + rope) for n in seq_lens]
+        cache, table = _paged_cache(latents, num_blocks=40)
+        q = torch.randn(len(seq_lens), heads, rank + rope)
+        scale = (rank + rope) ** -0.5
+        got = paged_latent_decode(q, cache, table, torch.tensor(seq_lens), scale, rank)
+        want = _reference_decode(q, latents, scale, rank)
+        assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("path", ["batched", "per-sequence"])
+def test_bf16_decode_matches_fp32(path, monkeypatch):
+    """A bf16 cache (computed in fp32 on CPUs without native bf16 matmul) matches the fp32 result of the
+    same bf16 values."""
+    from vllm_transmla.serving import backend
+
+    if path == "per-sequence":
+        monkeypatch.setattr(backend, "BATCHED_DECODE_BYTES", 0)
+    torch.manual_seed(7)
+    seq_lens = [5, 40, 77]
+    latents = [torch.randn(n, 80).bfloat16().float() for n in seq_lens]
+    cache, table = _paged_cache(latents, num_blocks=30)
+    q = torch.randn(3, 4, 80).bfloat16()
+    got = paged_latent_decode(q, cache.bfloat16(), table, torch.tensor(seq_lens), 0.1, 64)
+    assert got.dtype == torch.bfloat16
+    want = _reference_decode(q.float(), latents, 0.1, 64)
+    assert (got.float() - want).abs().max().item() < 2e-2
 
 
 def _prefill(q, k, v, lengths, scale):

@@ -12,7 +12,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import TransMLAError
 
@@ -68,7 +67,6 @@ class SourceCheckpoint:
                     f"{INDEX_NAME} says tensor {name} is in {shard} but it is not there: the index and "
                     f"the shards are from different downloads; download the checkpoint again"
                 )
-        self._handles = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
@@ -100,18 +98,36 @@ class SourceCheckpoint:
         return tuple(self.headers[self.weight_map[name]][name]["shape"])
 
     def release(self) -> None:
-        """Close the shard handles: their mapped pages leave this process's resident memory (called
-        after each layer, so reading a large model does not accumulate it)."""
-        self._handles.clear()
+        """Nothing is kept open or mapped between reads (see `get`); kept as the per-layer hook."""
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read with plain file reads at the offsets of the (already validated) header.
+        safetensors' own reader maps the whole shard, and every page it touches stays in this process's
+        resident memory while the shard is open; reading keeps resident memory at the tensors held."""
         shard = self.weight_map[name]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+        info = self.headers[shard][name]
+        dtype = TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise TransMLAError(f"tensor {name} in {shard} has dtype {info['dtype']}, which vllm-transmla does not "
+                                f"read: convert the checkpoint to bfloat16, float16 or float32 first")
+        path = self.path / shard
+        start, end = info["data_offsets"]
+        data_start = path.stat().st_size - max(v["data_offsets"][1] for k, v in self.headers[shard].items()
+                                               if k != "__metadata__")
+        if end == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        buffer = bytearray(end - start)
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            read = f.readinto(buffer)
+        if read != end - start:
+            raise TransMLAError(f"cannot read tensor {name} from {shard} (got {read} of {end - start} bytes): "
+                                f"re-download the shard")
         try:
-            return self._handles[shard].get_tensor(name)
-        except Exception as err:  # safetensors raises its own error types
-            raise TransMLAError(f"cannot read tensor {name} from {shard} ({err}): re-download the shard") from None
+            return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+        except RuntimeError as err:
+            raise TransMLAError(f"tensor {name} in {shard} does not match its header ({err}): "
+                                f"re-download the shard") from None
 
 
 # torch dtype -> safetensors dtype name
@@ -186,3 +202,5 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}

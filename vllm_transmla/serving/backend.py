@@ -16,6 +16,7 @@ choice for other models is untouched.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -77,16 +78,73 @@ def paged_latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
 
     q [B, H, R + D] (latent query), kv_cache [num_blocks, block_size, R + D], block_table [B, max_blocks],
     seq_lens [B] -> out [B, H, R] = softmax(q . latent * scale) @ c_kv over each sequence's tokens.
+
+    Small batches x contexts run as one padded batch; long ones a sequence at a time (no padding, and
+    the gathered latent of one sequence stays small). Gathered latents land in reused workspaces:
+    fresh multi-MB tensors cost more in page faults than the arithmetic (benchmarks/speed/decode_step.py).
     """
+    batch, heads, width = q.shape
     block_size = kv_cache.shape[1]
-    max_len = int(seq_lens.max())
-    blocks = block_table[:, : (max_len + block_size - 1) // block_size].long()
-    latent = kv_cache[blocks].flatten(1, 2)[:, :max_len]  # [B, S, R + D]
-    scores = torch.bmm(q, latent.transpose(1, 2)).float() * scale  # [B, H, S]
-    pad = torch.arange(max_len, device=q.device)[None, :] >= seq_lens[:, None]
-    scores.masked_fill_(pad[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(latent.dtype)
-    return torch.bmm(probs, latent[..., :kv_lora_rank])
+    compute = compute_dtype(q.dtype, q.device)
+    q = q.to(compute)
+    lens = seq_lens.tolist()
+    max_len = max(lens)
+    if batch * max_len * width * 4 <= BATCHED_DECODE_BYTES:
+        max_blocks = -(-max_len // block_size)
+        latent = _gather(kv_cache, block_table[:, :max_blocks].reshape(-1), compute)
+        latent = latent.view(batch, max_blocks * block_size, width)[:, :max_len]  # [B, S, R + D]
+        scores = torch.bmm(q, latent.transpose(1, 2)).float() * scale  # [B, H, S]
+        pad = torch.arange(max_len, device=q.device)[None, :] >= seq_lens[:, None]
+        scores.masked_fill_(pad[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(compute)
+        return torch.bmm(probs, latent[..., :kv_lora_rank]).to(kv_cache.dtype)
+    out = torch.empty(batch, heads, kv_lora_rank, dtype=kv_cache.dtype, device=q.device)
+    for b, length in enumerate(lens):
+        blocks = block_table[b, : -(-length // block_size)]
+        latent = _gather(kv_cache, blocks, compute)[:length]  # [S, R + D]
+        scores = (q[b] @ latent.T).float() * scale  # [H, S]
+        probs = torch.softmax(scores, dim=-1).to(compute)
+        out[b] = probs @ latent[:, :kv_lora_rank]
+    return out
+
+
+BATCHED_DECODE_BYTES = 32 * 2**20  # the padded batch path's latent workspace, at most
+_WORKSPACES: dict = {}
+
+
+def _workspace(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A flat buffer reused across calls (grown when too small)."""
+    key = (name, dtype, str(device))
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _gather(kv_cache: torch.Tensor, blocks: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """The cache blocks `blocks` [N] as [N * block_size, R + D] in `compute` dtype, in workspaces."""
+    n, (block_size, width) = blocks.numel(), kv_cache.shape[1:]
+    raw = _workspace("raw", n * block_size * width, kv_cache.dtype, kv_cache.device).view(n, block_size, width)
+    torch.index_select(kv_cache, 0, blocks.long(), out=raw)
+    if compute == kv_cache.dtype:
+        return raw.view(n * block_size, width)
+    converted = _workspace("converted", n * block_size * width, compute, kv_cache.device)
+    return converted.view(n * block_size, width).copy_(raw.view(n * block_size, width))
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the decode matmuls run in: the cache's, except 16-bit caches on a CPU without native
+    bf16/fp16 matmul (no AVX512-BF16 / AMX), where torch emulates them ~60x slower than fp32 (measured
+    by benchmarks/speed/decode_step.py) - converting the gathered latent to fp32 costs far less."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return dtype
+    return dtype if _native_half_matmul() else torch.float32
+
+
+@functools.cache
+def _native_half_matmul() -> bool:
+    # torch's CPU capability: "AVX512" (or an AMX/BF16 build) has native 16-bit dot products; "AVX2" not.
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
 def triton_latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -29,13 +30,17 @@ def run(job: dict) -> dict:
     llm = LLM(**engine_args)
     params = SamplingParams(max_tokens=job.get("max_tokens", 32), temperature=0.0, ignore_eos=True,
                             logprobs=job.get("logprobs", 5))
-    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
-    result = {"outputs": []}
+    prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
+    if job.get("warmup"):  # one short request first, so timings leave out first-call costs
+        llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = {"outputs": [], "generate_seconds": time.perf_counter() - start}
     for out in outs:
         completion = out.outputs[0]
         result["outputs"].append({
             "token_ids": list(completion.token_ids),
-            "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in completion.logprobs],
+            "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in completion.logprobs or []],
         })
     engine = llm.llm_engine
     model_config = engine.vllm_config.model_config

@@ -1,0 +1,174 @@
+"""Attention decode step per layer: our latent backend, vLLM's stock CPU MLA kernel (576 only) and vLLM's
+CPU attention for the original (per-head) cache, each next to its roofline measured in the same run.
+
+Shapes (defaults): 16 query heads; MLA latent 512 + 64 (the stock kernel's only size); the original an
+MHA layer of 16 KV heads x 64 (2048 cached values per token) or, with --kv-heads 4, a 4:1 GQA layer.
+Caches are bf16 with shuffled block tables (as a busy engine leaves them).
+
+Roofline of a step = max(FLOPs / measured matmul peak (the faster of bf16 and fp32), cache bytes / measured
+read bandwidth):
+* absorbed MLA: FLOPs = 2 B H S (R + D) + 2 B H S R, bytes = B S (R + D) * 2 (the latent read once);
+* per-head attention: FLOPs = 4 B H S d, bytes = 2 B S n_kv d * 2.
+
+    python benchmarks/speed/decode_step.py                      # contexts 1K-8K, batch 8 and 16
+    python benchmarks/speed/decode_step.py --contexts 2048 --batches 8 --out /tmp/d.json
+
+Writes JSON (every measurement, the peaks, efficiency = roofline / measured) and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def timed(fn, repeat: int = 5, warmup: int = 2) -> float:
+    """Median seconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def machine_peaks() -> dict:
+    """bf16 / fp32 matmul FLOP/s and memory read bandwidth, measured now."""
+    n = 2048
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    bf16 = 2 * n**3 / timed(lambda: a @ b)
+    a, b = a.float(), b.float()
+    fp32 = 2 * n**3 / timed(lambda: a @ b)
+    big = torch.randn(256 * 2**20 // 4)  # 256 MiB of fp32, far above the caches
+    read = big.numel() * 4 / timed(lambda: big.sum())
+    return {"bf16_matmul_flops": bf16, "fp32_matmul_flops": fp32, "read_bytes_per_s": read,
+            "threads": torch.get_num_threads()}
+
+
+def _block_table(batch: int, blocks_per_seq: int, gen) -> torch.Tensor:
+    return torch.randperm(batch * blocks_per_seq, generator=gen).view(batch, blocks_per_seq).int()
+
+
+def mla_case(batch: int, context: int, heads: int, rank: int, rope: int, kernel: str, block: int = 16) -> dict:
+    from vllm_transmla.serving.backend import paged_latent_decode
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = context // block
+    cache = (torch.randn(batch * blocks, block, rank + rope, generator=gen) * 0.5).bfloat16()
+    table = _block_table(batch, blocks, gen)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32)
+    q = torch.randn(batch, heads, rank + rope, generator=gen).bfloat16()
+    scale = (128 + rope) ** -0.5
+    if kernel == "ours":
+        fn = lambda: paged_latent_decode(q, cache, table, seq_lens, scale, rank)  # noqa: E731
+    else:
+        out = torch.zeros(batch, heads, rank, dtype=q.dtype)
+        fn = lambda: torch.ops._C.mla_decode_kvcache(out, q, cache, scale, table, seq_lens)  # noqa: E731
+    flops = 2 * batch * heads * context * (rank + rope) + 2 * batch * heads * context * rank
+    return {"seconds": timed(fn), "flops": flops, "bytes": batch * context * (rank + rope) * 2}
+
+
+def mha_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block: int = 128) -> dict:
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = context // block
+    dtype = torch.bfloat16
+    cache = (torch.randn(batch * blocks, kv_heads, block * 2, head_dim, generator=gen) * 0.5).to(dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    table = _block_table(batch, blocks, gen)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32)
+    query_start = torch.arange(batch + 1, dtype=torch.int32)
+    q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
+    out = torch.empty_like(q)
+    isa = _get_attn_isa(dtype, block, head_dim)
+    meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=batch, num_heads=heads, num_kv_heads=kv_heads,
+                                               head_dim=head_dim, seq_lens=seq_lens, dtype=dtype,
+                                               query_start_loc=query_start, causal=True, sliding_window_size=-1,
+                                               isa=isa, enable_kv_split=False)
+
+    def fn():
+        ops.cpu_attention_with_kv_cache(query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+                                        query_start_loc=query_start, seq_lens=seq_lens, scale=head_dim ** -0.5,
+                                        causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
+                                        softcap=0.0, scheduler_metadata=meta, s_aux=None)
+    return {"seconds": timed(fn), "flops": 4 * batch * heads * context * head_dim,
+            "bytes": 2 * batch * context * kv_heads * head_dim * 2, "isa": isa}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=16, help="KV heads of the original layer")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=512)
+    parser.add_argument("--rope", type=int, default=64)
+    parser.add_argument("--out", default=str(Path(__file__).with_name("decode_step.json")))
+    args = parser.parse_args()
+
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU kernels)
+
+    peaks = machine_peaks()
+    print(json.dumps(peaks), flush=True)
+    # The compute peak of the roofline: the faster of bf16 and fp32 matmul (a 16-bit cache may be
+    # computed on in either; on CPUs without native bf16, torch emulates bf16 far below fp32).
+    peak_flops = max(peaks["bf16_matmul_flops"], peaks["fp32_matmul_flops"])
+    runs = []
+    for batch in args.batches:
+        for context in args.contexts:
+            cases = [("ours (latent backend)", mla_case, (batch, context, args.heads, args.rank, args.rope, "ours")),
+                     ("original (vLLM CPU attention)", mha_case,
+                      (batch, context, args.heads, args.kv_heads, args.head_dim))]
+            if args.rank + args.rope == 576:
+                cases.append(("stock CPU MLA (576)", mla_case,
+                              (batch, context, args.heads, args.rank, args.rope, "stock")))
+            for name, case, case_args in cases:
+                r = case(*case_args)
+                compute, memory = r["flops"] / peak_flops, r["bytes"] / peaks["read_bytes_per_s"]
+                runs.append({"kernel": name, "batch": batch, "context": context, **r,
+                             "roofline_seconds": max(compute, memory),
+                             "bound": "compute" if compute >= memory else "memory",
+                             "efficiency": max(compute, memory) / r["seconds"]})
+                print(json.dumps(runs[-1]), flush=True)
+    result = {"machine": platform.processor() or platform.machine(), "peaks": peaks, "shape": vars(args),
+              "runs": runs}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, Path(args.out).with_suffix(".png"))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in result["runs"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for kernel in dict.fromkeys(r["kernel"] for r in result["runs"]):
+            runs = [r for r in result["runs"] if r["kernel"] == kernel and r["batch"] == batch]
+            line, = ax.plot([r["context"] for r in runs], [r["seconds"] * 1e3 for r in runs], "o-", label=kernel)
+            ax.plot([r["context"] for r in runs], [r["roofline_seconds"] * 1e3 for r in runs], ":",
+                    color=line.get_color(), label=f"{kernel} roofline")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per decode step, one layer")
+        ax.set_title(f"batch {batch}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
