@@ -69,7 +69,7 @@ def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -
     rng = random.Random(length)
     job = {"model": str(model), "dtype": args.dtype, "prompts": [[rng.randrange(10, 2000) for _ in range(length)]
                                                                   for _ in range(prompts)],
-           "max_tokens": length, "max_model_len": 2 * length + 16, "max_num_seqs": args.max_num_seqs,
+           "max_tokens": length, "max_model_len": 2 * length, "max_num_seqs": args.max_num_seqs,
            "logprobs": None, "warmup": True, "enforce_eager": True}
     if budget:
         job["kv_cache_memory_bytes"] = budget

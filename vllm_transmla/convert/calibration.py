@@ -62,7 +62,7 @@ def calibration_tokens(source: Source, files, seq_len: int, max_tokens: int) -> 
 class LayerByLayer:
     """Runs the source model's decoder layers one at a time over calibration hidden states."""
 
-    def __init__(self, source: Source, tokens: torch.Tensor, batch_size: int = 8):
+    def __init__(self, source: Source, tokens: torch.Tensor, batch_size: int = 2):
         spec = source.family.calibration
         module = importlib.import_module(spec["module"])
         self.layer_cls = getattr(module, spec["decoder_layer"])
