@@ -45,15 +45,21 @@ def _reference_decode(q, latents, scale, rank):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("path", ["batched", "per-sequence"])
-@pytest.mark.parametrize("heads,rank,rope", [(1, 64, 16), (4, 64, 16), (16, 48, 16), (8, 512, 64)])
-def test_decode_matches_sdpa(heads, rank, rope, path, monkeypatch):
-    """Both decode paths (one padded batch; a sequence at a time, used for long contexts) and calls in a
-    row (the gather workspaces are reused) match fp32 SDPA."""
+def _choose_path(path: str, monkeypatch) -> None:
     from vllm_transmla.serving import backend
 
-    if path == "per-sequence":
+    if path in ("per-sequence", "chunked"):
         monkeypatch.setattr(backend, "BATCHED_DECODE_BYTES", 0)
+    if path == "chunked":  # chunks of 2 blocks: sequences of 1-5 chunks, a partial last one included
+        monkeypatch.setattr(backend, "DECODE_CHUNK_TOKENS", 2 * BLOCK)
+
+
+@pytest.mark.parametrize("path", ["batched", "per-sequence", "chunked"])
+@pytest.mark.parametrize("heads,rank,rope", [(1, 64, 16), (4, 64, 16), (16, 48, 16), (8, 512, 64)])
+def test_decode_matches_sdpa(heads, rank, rope, path, monkeypatch):
+    """The three decode paths (one padded batch; a sequence at a time; long sequences chunk by chunk with
+    an online softmax) and calls in a row (the gather workspaces are reused) match fp32 SDPA."""
+    _choose_path(path, monkeypatch)
     torch.manual_seed(heads)
     for seq_lens in ([1, 15, 16, 17, 90], [33, 2]):
         latents = [torch.randn(n, rank + rope) for n in seq_lens]
@@ -65,14 +71,11 @@ def test_decode_matches_sdpa(heads, rank, rope, path, monkeypatch):
         assert (got - want).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("path", ["batched", "per-sequence"])
+@pytest.mark.parametrize("path", ["batched", "per-sequence", "chunked"])
 def test_bf16_decode_matches_fp32(path, monkeypatch):
     """A bf16 cache (computed in fp32 on CPUs without native bf16 matmul) matches the fp32 result of the
     same bf16 values."""
-    from vllm_transmla.serving import backend
-
-    if path == "per-sequence":
-        monkeypatch.setattr(backend, "BATCHED_DECODE_BYTES", 0)
+    _choose_path(path, monkeypatch)
     torch.manual_seed(7)
     seq_lens = [5, 40, 77]
     latents = [torch.randn(n, 80).bfloat16().float() for n in seq_lens]
@@ -131,6 +134,29 @@ def test_mixed_batch_matches_sdpa(heads):
     for n in prefill_lens:
         want = reference(pq_nope[begin:begin + n], pq_pe[begin:begin + n], prefill_lat[begin:begin + n])
         assert (prefilled[begin:begin + n] - want).abs().max().item() < 1e-5
+        begin += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_prefill_matches_sdpa(dtype, monkeypatch):
+    """The CPU prefill in query chunks of 16 rows (sequences of 1 to 7 chunks, a partial last one) equals
+    fp32 causal SDPA per request; bf16 inputs to bf16 rounding."""
+    from vllm_transmla.serving import backend
+
+    monkeypatch.setattr(backend, "PREFILL_SCORE_BYTES", 0)
+    torch.manual_seed(3)
+    lengths, heads = [1, 16, 17, 100], 4
+    q, k = torch.randn(sum(lengths), heads, 24), torch.randn(sum(lengths), heads, 24)
+    v = torch.randn(sum(lengths), heads, 8)
+    got = _prefill(q.to(dtype), k.to(dtype), v.to(dtype), lengths, 0.3)
+    assert got.dtype == dtype
+    begin = 0
+    for n in lengths:
+        part = slice(begin, begin + n)
+        want = F.scaled_dot_product_attention(*(x[part].to(dtype).float().transpose(0, 1) for x in (q, k, v)),
+                                              is_causal=True, scale=0.3).transpose(0, 1)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (got[part].float() - want).abs().max().item() < tolerance
         begin += n
 
 
