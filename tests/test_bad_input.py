@@ -76,6 +76,18 @@ CASES = {
 }
 
 
+def _int_weights(src: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shard = _shards(src)[0]
+    tensors = load_file(shard)
+    save_file({k: (v * 100).to(torch.int32) for k, v in tensors.items()}, str(shard), metadata={"format": "pt"})
+
+
+CASES["integer (quantized) weights"] = (_int_weights, r"dtype I32.*dequantize")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_source(case, src, tmp_path, capsys):
     break_it, pattern = CASES[case]
@@ -174,3 +186,47 @@ def test_sigkill_temporary_is_cleaned_next_time(src, tmp_path, capsys):
     assert "left by an interrupted conversion" in capsys.readouterr().err  # ...and is reported and removed
     assert not list(tmp_path.glob(".out.transmla-tmp-*")) and (dst / "config.json").exists()
     shutil.rmtree(dst)
+
+
+# Options out of range: (extra CLI arguments, error pattern). The tiny source has 2 KV heads of 32:
+# 128 cached values per token, of which 64 are keys that rotate.
+OPTION_CASES = {
+    "latent rank above the cache": (["--kv-lora-rank", "500"], r"--kv-lora-rank 500 is out of range.*1\.\.96"),
+    "latent rank zero": (["--kv-lora-rank", "0"], r"--kv-lora-rank 0 is out of range"),
+    "odd rope dim": (["--qk-rope-dim", "7"], r"--qk-rope-dim 7 must be a positive even number"),
+    "rope dim above the rotating keys": (["--qk-rope-dim", "66"], r"above num_kv_heads \* head_dim = 64.*at most 64"),
+    "kv ratio above 1": (["--kv-ratio", "1.5"], r"--kv-ratio 1.5 must be in \(0, 1\]"),
+    "kv ratio with no room for a latent": (["--kv-ratio", "0.01"], r"leaves no latent"),
+    "exact mode with a rank": (["--mode", "exact", "--kv-lora-rank", "32"], r"need --mode compressed"),
+    "freqfold not a number": (["--freqfold", "two"], r"--freqfold 'two' must be a whole number"),
+    "empty calibration text": (["--kv-ratio", "0.5", "--calib", "{empty}"], r"0 tokens, fewer than one sequence"),
+    "too-short calibration text": (["--kv-ratio", "0.5", "--calib", "{short}"], r"fewer than one sequence.*more text"),
+    "missing calibration file": (["--kv-ratio", "0.5", "--calib", "{missing}"], r"does not exist: pass --calib"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_bad_option(case, src, tmp_path, capsys):
+    import re
+
+    args, pattern = OPTION_CASES[case]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("In the beginning God created")
+    files = {"empty": tmp_path / "empty.txt", "short": tmp_path / "short.txt", "missing": tmp_path / "none.txt"}
+    args = [a.format(**files) for a in args]
+    dst = tmp_path / "out"
+    before = tree_digest(src)
+    assert cli_main(["convert", str(src), str(dst), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("transmla: error: ") and re.search(pattern, err), err
+    assert not dst.exists() and not list(tmp_path.glob(".out.transmla-tmp-*")) and tree_digest(src) == before
+
+
+def test_destination_not_writable(src, tmp_path, monkeypatch, capsys):
+    """A read-only parent directory (simulated: these tests may run as root, who can write anywhere)."""
+    real_access = os.access
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == parent else real_access(p, mode))
+    err = _run_cli_expect_error(src, parent / "out", capsys)
+    assert "cannot write to" in err and "writable destination" in err

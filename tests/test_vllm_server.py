@@ -44,7 +44,7 @@ def offline(exact_converted):
 
 
 @pytest.fixture(scope="module")
-def server(exact_converted, offline, tmp_path_factory):
+def server(exact_converted, offline, soak_prompts, tmp_path_factory):
     model = exact_converted["llama-rope3"]
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -94,3 +94,106 @@ def test_too_long_prompt_is_400_and_server_keeps_serving(server):
     assert err.value.status_code == 400
     answer = client.completions.create(model=str(model), prompt=PROMPTS[0], max_tokens=4, temperature=0)
     assert answer.choices[0].finish_reason in ("length", "stop")
+
+
+SOAK_REQUESTS, SOAK_CONCURRENCY, SOAK_TOKENS = 500, 32, 16
+
+
+@pytest.fixture(scope="module")
+def soak_prompts(exact_converted):
+    """40 token-id prompts of 1 to 230 tokens and their offline greedy answers (same engine settings as the
+    server: dtype from the checkpoint, CUDA-graph-free CPU default)."""
+    from transformers import AutoTokenizer
+
+    from vllm_transmla.tiny import sample_text
+
+    model = exact_converted["llama-rope3"]
+    ids = AutoTokenizer.from_pretrained(model)(sample_text(), add_special_tokens=False).input_ids
+    prompts = [ids[i * 37:i * 37 + 1 + (i * 53) % 230] for i in range(40)]
+    result = run_vllm({"model": str(model), "dtype": "auto", "prompts": prompts, "max_tokens": SOAK_TOKENS,
+                       "enforce_eager": False})
+    return prompts, [o["token_ids"] for o in result["outputs"]]
+
+
+def _server_rss(port: int) -> int:
+    """Resident bytes of the process listening on `port` and all its children (API server + engine core)."""
+    import psutil
+
+    owner = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                 and c.status == psutil.CONN_LISTEN)
+    proc = psutil.Process(owner)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def test_soak_500_requests_at_concurrency_32(server, soak_prompts):
+    """Mixed lengths, streaming and not, some cancelled mid-stream, some invalid: every valid request
+    succeeds with the offline greedy tokens, every invalid one gets a 4xx, and the server's memory after
+    the run is within 100 MB of its memory after the first 100 requests."""
+    import asyncio
+
+    import openai
+
+    client, model = server
+    port = int(str(client.base_url).split(":")[-1].split("/")[0])
+    prompts, expected = soak_prompts
+    invalid = [dict(prompt=[5] * 300, max_tokens=4), dict(prompt=[5, 6], max_tokens=4, temperature=-1.0),
+               dict(prompt=[5, 6], max_tokens=-3), dict(prompt=[5, 6], max_tokens=4, top_p=1.5)]
+    aclient = openai.AsyncOpenAI(base_url=str(client.base_url), api_key="none", max_retries=0, timeout=300)
+    stats = {"ok": 0, "rejected": 0, "cancelled": 0, "wrong": [], "failed": []}
+    rss = {}
+
+    async def one(i: int, gate: asyncio.Semaphore):
+        kind = ("invalid" if i % 10 == 3 else "cancel" if i % 10 == 7 else "stream" if i % 2 else "plain")
+        p = i % len(prompts)
+        args = dict(model=str(model), prompt=prompts[p], max_tokens=SOAK_TOKENS, temperature=0.0,
+                    extra_body={"ignore_eos": True, "return_token_ids": True})
+        async with gate:
+            try:
+                if kind == "invalid":
+                    bad = invalid[(i // 10) % len(invalid)]
+                    try:
+                        await aclient.completions.create(model=str(model), **bad)
+                        stats["failed"].append((i, "invalid request accepted"))
+                    except openai.APIStatusError as err:
+                        if 400 <= err.status_code < 500:
+                            stats["rejected"] += 1
+                        else:
+                            stats["failed"].append((i, err.status_code))
+                    return
+                if kind == "plain":
+                    answer = await aclient.completions.create(**args)
+                    tokens = list(answer.choices[0].token_ids)
+                else:
+                    stream = await aclient.completions.create(**args, stream=True)
+                    tokens, chunks = [], 0
+                    async for chunk in stream:
+                        tokens += list(getattr(chunk.choices[0], "token_ids", None) or [])
+                        chunks += 1
+                        if kind == "cancel" and chunks == 2:
+                            await stream.close()  # the client goes away mid-stream
+                            stats["cancelled"] += 1
+                            return
+                if tokens != expected[p]:
+                    stats["wrong"].append(i)
+                stats["ok"] += 1
+            except Exception as err:  # noqa: BLE001  (any failure of a valid request is counted)
+                stats["failed"].append((i, repr(err)[:200]))
+
+    async def run():
+        gate = asyncio.Semaphore(SOAK_CONCURRENCY)
+        await asyncio.gather(*(one(i, gate) for i in range(100)))
+        rss["warm"] = _server_rss(port)
+        await asyncio.gather(*(one(i, gate) for i in range(100, SOAK_REQUESTS)))
+        rss["end"] = _server_rss(port)
+
+    start = time.time()
+    asyncio.run(run())
+    elapsed = time.time() - start
+    assert not stats["failed"], stats["failed"][:5]
+    assert not stats["wrong"], f"{len(stats['wrong'])} answers differ from offline greedy: {stats['wrong'][:10]}"
+    assert stats["rejected"] == SOAK_REQUESTS // 10 and stats["cancelled"] == SOAK_REQUESTS // 10
+    assert stats["ok"] == SOAK_REQUESTS - stats["rejected"] - stats["cancelled"]
+    assert rss["end"] - rss["warm"] < 100 * 2**20, rss
+    print(f"soak: {SOAK_REQUESTS} requests in {elapsed:.1f} s, rss {rss}")
+    answer = client.completions.create(model=str(model), prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert answer.choices[0].finish_reason in ("length", "stop")  # still serving

@@ -43,11 +43,33 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .validate import validate_converted_checkpoint
+
+    validate_converted_checkpoint(args.model)
+    print(f"{args.model}: a valid converted checkpoint (config keys, model_type and every attention tensor's shape)")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .evaluate import perplexity
 
     result = perplexity(args.model, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens)
     print(json.dumps({"model": str(args.model), "text": str(args.text), **result}, indent=2))
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune.run import FinetuneSettings, finetune
+
+    fields = FinetuneSettings.__dataclass_fields__
+    settings = FinetuneSettings(**{k: getattr(args, k) for k in fields})
+    out = finetune(args.student, args.teacher, args.data, args.out, settings, eval_text=args.eval_text,
+                   checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
+                   max_shard_size=args.max_shard_size, progress=not args.quiet)
+    record = json.loads((out / "transmla_finetune.json").read_text())
+    print(f"wrote {out} (trained {len(record['trained_parameters'])} tensors for {settings.max_steps} steps; "
+          f"held-out {record['final_eval'] or 'not measured: pass --eval-text'})")
     return 0
 
 
@@ -90,12 +112,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("check", help="validate a converted checkpoint (what the vLLM plugin checks before loading)")
+    p.add_argument("model")
+    p.set_defaults(func=_cmd_check)
+
     p = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (transformers)")
     p.add_argument("model")
     p.add_argument("--text", required=True, help="plain-text file")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=None)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("finetune", help="distil a converted checkpoint toward its source model (recovery training)")
+    p.add_argument("student", help="converted checkpoint to train (from transmla convert); never modified")
+    p.add_argument("--teacher", required=True, help="the source checkpoint the student was converted from")
+    p.add_argument("--data", nargs="+", required=True, help="training text: .txt files or .jsonl with a text field")
+    p.add_argument("--out", required=True, help="output directory; must not exist unless --overwrite")
+    p.add_argument("--train", choices=["mla", "attention", "all"], default="mla",
+                   help="what trains: mla = the converted projections (q, kv_a, kv_b); attention = all attention "
+                        "weights and the norms; all = every weight")
+    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(teacher || student) on the logits")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of the next-token cross-entropy")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL")
+    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per device and micro-step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed training sequence")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: mixed precision (fp32 weights, bf16 autocast) and a bf16 teacher")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    p.add_argument("--save-steps", type=int, default=100, help="write a resumable checkpoint every N steps")
+    p.add_argument("--save-total-limit", type=int, default=2, help="keep this many checkpoints")
+    p.add_argument("--checkpoint-dir", help="where checkpoints go (default OUT.checkpoints beside OUT)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--eval-text", help="held-out text: perplexity before, every --eval-steps and after training")
+    p.add_argument("--eval-steps", type=int, default=None)
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens used at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (only once the new one is complete)")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("demo", help="build a small model, convert it and compare the two")
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its models")
@@ -117,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transmla: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        dst = getattr(args, "dst", None)
+        dst = getattr(args, "dst", None) or getattr(args, "out", None)
         where = f"; {dst} was not created or changed" if dst else ""
         print(f"transmla: interrupted{where}", file=sys.stderr)
         return 130

@@ -36,9 +36,10 @@ def perplexity(model_path: str | Path, text_file: str | Path, seq_len: int = 256
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
     total = 0.0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(windows):
-            chunk = ids[i * seq_len:(i + 1) * seq_len + 1][None]
+            chunk = ids[i * seq_len:(i + 1) * seq_len + 1][None].to(device)
             logits = model(chunk[:, :-1]).logits.float()
             total += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
     nll = total / (windows * seq_len)

@@ -61,7 +61,8 @@ def plan_rope(gqa: GQAShape, rope_dim: int, freqfold: int | str) -> RopePlan:
         raise TransMLAError(f"--qk-rope-dim {rope_dim} must be a positive even number")
     if freqfold == SELECT:
         if rope_dim > n * d:
-            raise TransMLAError(f"--qk-rope-dim {rope_dim} is above num_kv_heads * head_dim = {n * d}")
+            raise TransMLAError(f"--qk-rope-dim {rope_dim} is above num_kv_heads * head_dim = {n * d}, the key dims "
+                               f"that rotate: choose at most {n * d}")
         return RopePlan(1, rope_dim, 0, 1, select=True)
     if rope_dim <= d:
         blocks = 1

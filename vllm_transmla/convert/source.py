@@ -113,6 +113,14 @@ def check_weights_match_config(source: Source) -> None:
                     f"config.json contradicts the weights: {bias} is {'present' if bias in w else 'absent'} "
                     f"but the config implies {'a' if wants_bias else 'no'} bias; fix attention_bias in config.json"
                 )
+    floating = {"F32", "F16", "BF16"}
+    for shard, header in w.headers.items():
+        odd = next(((n, h["dtype"]) for n, h in header.items() if n != "__metadata__" and h["dtype"] not in floating),
+                   None)
+        if odd:
+            raise TransMLAError(f"tensor {odd[0]} in {shard} has dtype {odd[1]}: vllm-transmla converts float32, "
+                                f"float16 and bfloat16 checkpoints; dequantize the model (or load and re-save it in "
+                                f"bfloat16) first")
     extra = f"model.layers.{source.num_layers}."
     if any(n.startswith(extra) for n in w.names()):
         raise TransMLAError(f"the weights have more layers than num_hidden_layers={source.num_layers}: "

@@ -33,15 +33,14 @@ def run(job: dict) -> dict:
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
     if job.get("warmup"):  # one short request first, so timings leave out first-call costs
         llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    # "solo": indices of prompts to generate one at a time first (batch-composition checks)
+    solo = {str(i): _completions(llm.generate(prompts[i:i + 1], params, use_tqdm=False))[0]
+            for i in job.get("solo", [])}
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    result = {"outputs": [], "generate_seconds": time.perf_counter() - start}
-    for out in outs:
-        completion = out.outputs[0]
-        result["outputs"].append({
-            "token_ids": list(completion.token_ids),
-            "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in completion.logprobs or []],
-        })
+    result = {"outputs": _completions(outs), "generate_seconds": time.perf_counter() - start}
+    if solo:
+        result["solo_outputs"] = solo
     engine = llm.llm_engine
     model_config = engine.vllm_config.model_config
     cache_config = engine.vllm_config.cache_config
@@ -54,6 +53,13 @@ def run(job: dict) -> dict:
         num_preemptions=_num_preemptions(llm),
     )
     return result
+
+
+def _completions(outs) -> list[dict]:
+    """Token ids and per-step top-k logprobs of each request's first completion."""
+    return [{"token_ids": list(out.outputs[0].token_ids),
+             "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in out.outputs[0].logprobs or []]}
+            for out in outs]
 
 
 def _num_preemptions(llm) -> int:

@@ -23,3 +23,38 @@ def register_vllm() -> None:
             ModelRegistry.register_model(arch, f"{MODELS_MODULE}:{arch}")
     for spec in families().values():
         convertors.MODEL_ARCH_CONFIG_CONVERTORS[spec.target_model_type] = TransMLAArchConfigConvertor
+    install_checkpoint_check()
+
+
+def install_checkpoint_check() -> None:
+    """Validate a local converted checkpoint (vllm_transmla.validate) when vLLM parses its config, i.e. before
+    vLLM builds anything from it. Wraps HFConfigParser.parse once; other checkpoints pass straight through."""
+    from vllm.transformers_utils import config as vllm_config
+
+    parser_cls = getattr(vllm_config, "HFConfigParser", None)
+    original = getattr(parser_cls, "parse", None)
+    if original is None or getattr(original, "_transmla_checked", False):
+        return
+
+    def parse(self, model, *args, **kwargs):
+        check_local_checkpoint(model)
+        return original(self, model, *args, **kwargs)
+
+    parse._transmla_checked = True
+    parser_cls.parse = parse
+
+
+def check_local_checkpoint(model) -> None:
+    """Run our validation if `model` is a local directory whose config.json claims one of our architectures."""
+    import json
+    from pathlib import Path
+
+    from ..validate import is_converted_config, validate_converted_checkpoint
+
+    config = Path(str(model)) / "config.json"
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # not a local checkpoint, or one vLLM itself will report on
+    if isinstance(raw, dict) and is_converted_config(raw):
+        validate_converted_checkpoint(config.parent)
