@@ -86,6 +86,8 @@ def _int_weights(src: Path) -> None:
 
 
 CASES["integer (quantized) weights"] = (_int_weights, r"dtype I32.*dequantize")
+CASES["index not JSON"] = (lambda s: (s / "model.safetensors.index.json").write_text("{not json"),
+                           r"model.safetensors.index.json is corrupt.*download it again")
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -91,15 +91,25 @@ def test_valid_checkpoints_pass(converted, capsys):
     assert "valid converted checkpoint" in capsys.readouterr().out
 
 
+VLLM_CASES = {
+    "mis-shaped tensor": (lambda p: _edit_tensor(p, KV_B, lambda t: torch.zeros(t.shape[0], t.shape[1] + 1)),
+                          r"kv_b_proj\.weight .* has shape \[\d+, 33\] but config\.json implies \[\d+, 32\]"),
+    "unknown model_type": (lambda p: _edit_config(p, model_type="llama_mla_v2"),
+                           r"model_type 'llama_mla_v2'.*does not serve"),
+}
+
+
 @pytest.mark.slow
-def test_vllm_plugin_refuses_before_building_the_model(converted, tmp_path):
+@pytest.mark.parametrize("case", list(VLLM_CASES))
+def test_vllm_plugin_refuses_before_building_the_model(case, converted, tmp_path):
     """vLLM with our plugin stops at config parsing with our message: no model is built, no weight read."""
     from reference import run_vllm
 
     broken = shutil.copytree(converted, tmp_path / "broken")
-    _edit_tensor(broken, KV_B, lambda t: torch.zeros(t.shape[0], t.shape[1] + 1))
+    break_it, pattern = VLLM_CASES[case]
+    break_it(broken)
     with pytest.raises(RuntimeError) as err:
         run_vllm({"model": str(broken), "prompts": [[1, 2, 3]], "max_tokens": 2})
     log = str(err.value)
-    assert re.search(r"kv_b_proj\.weight .* has shape \[\d+, 33\] but config\.json implies \[\d+, 32\]", log), log
+    assert re.search(pattern, log), log
     assert "Loading weights" not in log and "Loading safetensors" not in log

@@ -39,6 +39,21 @@ def student_teacher(tmp_path_factory):
     return student, teacher
 
 
+def test_distillation_loss_matches_its_definition():
+    """KL(teacher_T || student_T) * T^2 and next-token CE, against sums written out by hand."""
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen) * 2
+    ids = torch.randint(0, 11, (2, 5), generator=gen)
+    loss, kl, ce = distillation_loss(student, teacher, ids, kl_weight=0.7, ce_weight=0.3, temperature=2.0)
+    p_t, log_p_s = torch.softmax(teacher / 2, -1), torch.log_softmax(student / 2, -1)
+    want_kl = (p_t * (p_t.log() - log_p_s)).sum(-1).mean() * 4
+    logp = torch.log_softmax(student, -1)
+    want_ce = -torch.stack([logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(4)]).mean()
+    torch.testing.assert_close(kl, want_kl)
+    torch.testing.assert_close(ce, want_ce)
+    torch.testing.assert_close(loss, 0.7 * want_kl + 0.3 * want_ce)
+
+
 def _held_out_kl(model_path, teacher_path) -> float:
     """Mean KL(teacher || student) over the first four windows of the training text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
