@@ -194,3 +194,21 @@ def test_tuned_checkpoint_serves_in_vllm_like_transformers(tuned, prompts):
     assert result["use_mla"]
     for i, (ref, out) in enumerate(zip(reference, result["outputs"])):
         assert out["token_ids"] == ref["token_ids"], f"prompt {i}"
+
+
+def test_cli_finetune_and_its_errors(student_teacher, tmp_path, capsys):
+    from vllm_transmla.cli import main as cli_main
+
+    student, teacher = student_teacher
+    out = tmp_path / "cli-out"
+    args = ["finetune", str(student), "--teacher", str(teacher), "--data", str(TRAIN_TEXT), "--out", str(out),
+            "--max-steps", "2", "--batch-size", "2", "--seq-len", "64", "--logging-steps", "1", "--quiet"]
+    assert cli_main(args) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert json.loads((out / "transmla_finetune.json").read_text())["settings"]["max_steps"] == 2
+    assert cli_main(args) == 2  # OUT exists now
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("transmla: error: ") and "already exists" in err and "\n" not in err
+    assert cli_main([*args[:-1], "--overwrite", "--train", "all", "--max-steps", "1", "--quiet"]) == 0
+    record = json.loads((out / "transmla_finetune.json").read_text())
+    assert record["settings"]["train"] == "all" and record["settings"]["max_steps"] == 1
