@@ -72,7 +72,8 @@ def tuned(student_teacher, tmp_path_factory):
     student, teacher = student_teacher
     out = tmp_path_factory.mktemp("tuned") / "out"
     before = tree_digest(student)
-    finetune(student, teacher, [TRAIN_TEXT], out, _settings(save_steps=3), eval_text=TRAIN_TEXT, progress=False)
+    finetune(student, teacher, [TRAIN_TEXT], out, _settings(save_steps=3), eval_text=TRAIN_TEXT, progress=False,
+             keep_checkpoints=True)
     assert tree_digest(student) == before, "finetune changed the student it read"
     return out
 
@@ -209,6 +210,7 @@ def test_cli_finetune_and_its_errors(student_teacher, tmp_path, capsys):
     assert cli_main(args) == 2  # OUT exists now
     err = capsys.readouterr().err.strip()
     assert err.startswith("transmla: error: ") and "already exists" in err and "\n" not in err
+    assert not (tmp_path / "cli-out.checkpoints").exists()  # removed once OUT was complete
     assert cli_main([*args[:-1], "--overwrite", "--train", "all", "--max-steps", "1", "--quiet"]) == 0
     record = json.loads((out / "transmla_finetune.json").read_text())
     assert record["settings"]["train"] == "all" and record["settings"]["max_steps"] == 1

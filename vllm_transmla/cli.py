@@ -66,7 +66,8 @@ def _cmd_finetune(args) -> int:
     settings = FinetuneSettings(**{k: getattr(args, k) for k in fields})
     out = finetune(args.student, args.teacher, args.data, args.out, settings, eval_text=args.eval_text,
                    checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
-                   max_shard_size=args.max_shard_size, progress=not args.quiet)
+                   max_shard_size=args.max_shard_size, progress=not args.quiet,
+                   keep_checkpoints=args.keep_checkpoints)
     record = json.loads((out / "transmla_finetune.json").read_text())
     print(f"wrote {out} (trained {len(record['trained_parameters'])} tensors for {settings.max_steps} steps; "
           f"held-out {record['final_eval'] or 'not measured: pass --eval-text'})")
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-total-limit", type=int, default=2, help="keep this many checkpoints")
     p.add_argument("--checkpoint-dir", help="where checkpoints go (default OUT.checkpoints beside OUT)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints once OUT is written "
+                   "(by default they are removed then)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--eval-text", help="held-out text: perplexity before, every --eval-steps and after training")
     p.add_argument("--eval-steps", type=int, default=None)

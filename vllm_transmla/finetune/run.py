@@ -135,10 +135,11 @@ def _check_layout(result: Path, student: Path) -> None:
 def finetune(student: str | Path, teacher: str | Path, data: list[str | Path], out: str | Path,
              settings: FinetuneSettings | None = None, eval_text: str | Path | None = None,
              checkpoint_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-             max_shard_size: str = "2GB", progress: bool = True) -> Path:
+             max_shard_size: str = "2GB", progress: bool = True, keep_checkpoints: bool = False) -> Path:
     """Distil `student` (a converted checkpoint) toward `teacher` on the text files `data`; writes OUT.
 
-    Returns OUT. Training state goes to `checkpoint_dir` (default OUT.checkpoints beside OUT).
+    Returns OUT. Training state goes to `checkpoint_dir` (default OUT.checkpoints beside OUT); it is removed
+    once OUT is complete unless `keep_checkpoints`.
     """
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
@@ -232,5 +233,7 @@ def finetune(student: str | Path, teacher: str | Path, data: list[str | Path], o
                 (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if not keep_checkpoints:  # OUT is complete: the resumable state has done its job
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return out
