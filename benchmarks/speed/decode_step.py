@@ -135,20 +135,33 @@ def main() -> None:
                 cases.append(("stock CPU MLA (576)", mla_case,
                               (batch, context, args.heads, args.rank, args.rope, "stock")))
             for name, case, case_args in cases:
-                r = case(*case_args)
-                compute, memory = r["flops"] / peak_flops, r["bytes"] / peaks["read_bytes_per_s"]
-                runs.append({"kernel": name, "batch": batch, "context": context, **r,
-                             "roofline_seconds": max(compute, memory),
-                             "bound": "compute" if compute >= memory else "memory",
-                             "efficiency": max(compute, memory) / r["seconds"]})
+                runs.append(against_roofline(case(*case_args), peaks, peak_flops, kernel=name, batch=batch,
+                                             context=context))
                 print(json.dumps(runs[-1]), flush=True)
+    save_results(args, peaks, runs, x="context", xlabel="context (tokens)", ylabel="ms per decode step, one layer",
+                 title="batch {batch}")
+
+
+def against_roofline(measured: dict, peaks: dict, peak_flops: float, **labels) -> dict:
+    """One run's record: its labels, what the case measured (seconds, flops, bytes) and its roofline
+    (max of compute and memory time), bound and efficiency = roofline / measured."""
+    compute, memory = measured["flops"] / peak_flops, measured["bytes"] / peaks["read_bytes_per_s"]
+    return {**labels, **measured, "roofline_seconds": max(compute, memory),
+            "bound": "compute" if compute >= memory else "memory",
+            "efficiency": max(compute, memory) / measured["seconds"]}
+
+
+def save_results(args, peaks: dict, runs: list[dict], **plot_options) -> None:
+    """Write the JSON to args.out and the plot (see `plot`) beside it."""
     result = {"machine": platform.processor() or platform.machine(), "peaks": peaks, "shape": vars(args),
               "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, Path(args.out).with_suffix(".png"))
+    plot(result, Path(args.out).with_suffix(".png"), **plot_options)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, x: str, xlabel: str, ylabel: str, title: str) -> None:
+    """Per batch size, every kernel's time against `x` (log-log) next to its roofline (dotted); `title` is
+    formatted with the batch and the run's shape arguments."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,14 +172,14 @@ def plot(result: dict, path: Path) -> None:
     for ax, batch in zip(axes[0], batches):
         for kernel in dict.fromkeys(r["kernel"] for r in result["runs"]):
             runs = [r for r in result["runs"] if r["kernel"] == kernel and r["batch"] == batch]
-            line, = ax.plot([r["context"] for r in runs], [r["seconds"] * 1e3 for r in runs], "o-", label=kernel)
-            ax.plot([r["context"] for r in runs], [r["roofline_seconds"] * 1e3 for r in runs], ":",
+            line, = ax.plot([r[x] for r in runs], [r["seconds"] * 1e3 for r in runs], "o-", label=kernel)
+            ax.plot([r[x] for r in runs], [r["roofline_seconds"] * 1e3 for r in runs], ":",
                     color=line.get_color(), label=f"{kernel} roofline")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("ms per decode step, one layer")
-        ax.set_title(f"batch {batch}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title.format(batch=batch, **result["shape"]))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

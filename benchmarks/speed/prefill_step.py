@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from decode_step import machine_peaks, timed
+from decode_step import against_roofline, machine_peaks, save_results, timed
 
 
 class Projection:
@@ -154,45 +153,14 @@ def main() -> None:
                        dtype)),
                      ("original (vLLM CPU attention)", original_case,
                       (batch, tokens, args.hidden, args.heads, args.kv_heads, args.head_dim, dtype))]
-            pair = []
-            for name, case, case_args in cases:
-                r = case(*case_args)
-                compute, memory = r["flops"] / peak_flops, r["bytes"] / peaks["read_bytes_per_s"]
-                pair.append({"kernel": name, "batch": batch, "tokens": tokens, **r,
-                             "roofline_seconds": max(compute, memory),
-                             "bound": "compute" if compute >= memory else "memory",
-                             "efficiency": max(compute, memory) / r["seconds"]})
-                print(json.dumps(pair[-1]), flush=True)
+            pair = [against_roofline(case(*case_args), peaks, peak_flops, kernel=name, batch=batch, tokens=tokens)
+                    for name, case, case_args in cases]
+            for record in pair:
+                print(json.dumps(record), flush=True)
             pair[0]["original_over_ours"] = pair[1]["seconds"] / pair[0]["seconds"]
             runs += pair
-    result = {"machine": platform.processor() or platform.machine(), "peaks": peaks, "shape": vars(args),
-              "runs": runs}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, Path(args.out).with_suffix(".png"))
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = sorted({r["batch"] for r in result["runs"]})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        for kernel in dict.fromkeys(r["kernel"] for r in result["runs"]):
-            runs = [r for r in result["runs"] if r["kernel"] == kernel and r["batch"] == batch]
-            line, = ax.plot([r["tokens"] for r in runs], [r["seconds"] * 1e3 for r in runs], "o-", label=kernel)
-            ax.plot([r["tokens"] for r in runs], [r["roofline_seconds"] * 1e3 for r in runs], ":",
-                    color=line.get_color(), label=f"{kernel} roofline")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("prompt tokens per request")
-        ax.set_ylabel("ms per prefill, one layer's attention")
-        ax.set_title(f"batch {batch}, {result['shape']['dtype']}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_results(args, peaks, runs, x="tokens", xlabel="prompt tokens per request",
+                 ylabel="ms per prefill, one layer's attention", title="batch {batch}, {dtype}")
 
 
 if __name__ == "__main__":
