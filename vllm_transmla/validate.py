@@ -9,7 +9,6 @@ config (see serving/plugin.py); `transmla check DIR` runs it by hand.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import TransMLAError
@@ -30,16 +29,10 @@ def is_converted_config(raw: dict) -> bool:
 
 
 def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise TransMLAError(f"no config.json in {path}: pass a checkpoint written by `transmla convert`")
-    try:
-        raw = json.loads(cfg.read_text())
-    except json.JSONDecodeError as err:
-        raise TransMLAError(f"{cfg} is not valid JSON ({err}): restore it from the conversion output") from None
-    if not isinstance(raw, dict):
-        raise TransMLAError(f"{cfg} is not a JSON object: restore it from the conversion output")
-    return raw
+    from .convert.source import read_raw_config
+
+    return read_raw_config(path, what="checkpoint", expected="a checkpoint written by `transmla convert`",
+                           fix="restore it from the conversion output")
 
 
 def _check_config(path: Path, raw: dict) -> None:

@@ -28,19 +28,23 @@ class Source:
         return self.config.num_hidden_layers
 
 
-def read_raw_config(path: Path) -> dict:
+def read_raw_config(path: Path, what: str = "source", expected: str = "a Hugging Face checkpoint directory",
+                    fix: str = "fix or re-download it") -> dict:
+    """config.json of the checkpoint directory `path` as a dict; errors name `what` the directory is, what
+    was `expected` there and how to `fix` a broken file."""
+    path = Path(path)
     cfg_path = path / "config.json"
     if not path.is_dir():
-        raise TransMLAError(f"source {path} is not a directory: "
+        raise TransMLAError(f"{what} {path} is not a directory: "
                             f"pass a checkpoint directory (config.json + *.safetensors)")
     if not cfg_path.is_file():
-        raise TransMLAError(f"no config.json in {path}: pass a Hugging Face checkpoint directory")
+        raise TransMLAError(f"no config.json in {what} {path}: pass {expected}")
     try:
         raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise TransMLAError(f"{cfg_path} is not valid JSON ({err}): fix or re-download it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TransMLAError(f"{cfg_path} is not valid JSON ({err}): {fix}") from None
     if not isinstance(raw, dict):
-        raise TransMLAError(f"{cfg_path} is not a JSON object: fix or re-download it")
+        raise TransMLAError(f"{cfg_path} is not a JSON object: {fix}")
     return raw
 
 

@@ -60,8 +60,8 @@ class PackedText(Dataset):
         return {"input_ids": self.windows[i], "labels": self.windows[i]}
 
 
-def packed_dataset(tokenizer, files: list[str | Path], seq_len: int) -> PackedText:
-    docs = read_documents(files)
+def packed_dataset(tokenizer, docs: list[str], seq_len: int) -> PackedText:
+    """`docs` (from read_documents) tokenized and packed into windows of `seq_len`."""
     ids = pack_tokens(tokenizer, docs)
     dataset = PackedText(ids, seq_len)
     if len(dataset) == 0:

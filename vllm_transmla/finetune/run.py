@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..convert.checkpoint import SourceCheckpoint
+from ..convert.checkpoint import TORCH_DTYPES, SourceCheckpoint
 from ..convert.output import atomic_directory, check_destination, copy_side_files
+from ..convert.source import read_raw_config
 from ..errors import TransMLAError
 from ..hf.configuration import MLA_CONFIG_CLASSES
 
@@ -53,10 +54,7 @@ def default_checkpoint_dir(out: Path) -> Path:
 
 
 def _check_student(student: Path) -> dict:
-    cfg_path = student / "config.json"
-    if not cfg_path.is_file():
-        raise TransMLAError(f"no config.json in student {student}: pass a checkpoint made by `transmla convert`")
-    config = json.loads(cfg_path.read_text())
+    config = read_raw_config(student, what="student", expected="a checkpoint made by `transmla convert`")
     if config.get("model_type") not in MLA_CONFIG_CLASSES:
         raise TransMLAError(f"student {student} has model_type {config.get('model_type')!r}, not a converted MLA "
                             f"checkpoint ({', '.join(MLA_CONFIG_CLASSES)}): convert it first with "
@@ -65,11 +63,7 @@ def _check_student(student: Path) -> dict:
 
 
 def _check_teacher(teacher: Path, student_config: dict) -> None:
-    cfg_path = teacher / "config.json"
-    if not cfg_path.is_file():
-        raise TransMLAError(f"no config.json in teacher {teacher}: pass the source checkpoint the student was "
-                            f"converted from")
-    config = json.loads(cfg_path.read_text())
+    config = read_raw_config(teacher, what="teacher", expected="the source checkpoint the student was converted from")
     if config.get("vocab_size") != student_config.get("vocab_size"):
         raise TransMLAError(f"teacher {teacher} has vocab_size {config.get('vocab_size')} but the student has "
                             f"{student_config.get('vocab_size')}: distillation needs the same vocabulary; pass the "
@@ -113,8 +107,6 @@ def _student_dtype(student: Path) -> torch.dtype:
     """The dtype of the student's attention weights, which the result is saved in."""
     ckpt = SourceCheckpoint(student)
     name = next((n for n in ckpt.names() if n.endswith("kv_b_proj.weight")), ckpt.names()[0])
-    from ..convert.checkpoint import TORCH_DTYPES
-
     return TORCH_DTYPES[ckpt.headers[ckpt.weight_map[name]][name]["dtype"]]
 
 
@@ -174,9 +166,9 @@ def finetune(student: str | Path, teacher: str | Path, data: list[str | Path], o
     resume_from = _resume_point(checkpoint_dir, resume)
 
     tokenizer = AutoTokenizer.from_pretrained(student)
-    _check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(teacher), "\n".join(read_documents(data)),
-                          teacher)
-    dataset = packed_dataset(tokenizer, data, s.seq_len)
+    docs = read_documents(data)
+    _check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(teacher), "\n".join(docs), teacher)
+    dataset = packed_dataset(tokenizer, docs, s.seq_len)
     set_seed(s.seed)
     # Weights stay fp32 (bf16 runs under autocast, as mixed precision should); the teacher is only read.
     model = _load(student, torch.float32)
