@@ -1,4 +1,5 @@
-"""`transmla` command line: convert checkpoints, fine-tune them toward their source, validate, evaluate and inspect them, run the demo."""
+"""`transmla` command line: convert checkpoints, fine-tune them toward their source, validate, evaluate
+and inspect them, run the demo."""
 
 from __future__ import annotations
 
