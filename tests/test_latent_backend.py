@@ -46,24 +46,33 @@ def _reference_decode(q, latents, scale, rank):
 
 
 def _choose_path(path: str, monkeypatch) -> None:
-    from vllm_transmla.serving import backend
+    from vllm_transmla.serving import backend, cpu_kernel
 
+    if path == "fused":
+        if not cpu_kernel.available():
+            pytest.skip("the fused CPU kernel needs x86-64 with AVX2 and a C compiler")
+        return
+    monkeypatch.setattr(backend, "USE_CPU_KERNEL", False)
     if path in ("per-sequence", "chunked"):
         monkeypatch.setattr(backend, "BATCHED_DECODE_BYTES", 0)
     if path == "chunked":  # chunks of 2 blocks: sequences of 1-5 chunks, a partial last one included
         monkeypatch.setattr(backend, "DECODE_CHUNK_TOKENS", 2 * BLOCK)
 
 
-@pytest.mark.parametrize("path", ["batched", "per-sequence", "chunked"])
-@pytest.mark.parametrize("heads,rank,rope", [(1, 64, 16), (4, 64, 16), (16, 48, 16), (8, 512, 64)])
+DECODE_PATHS = ["fused", "batched", "per-sequence", "chunked"]
+
+
+@pytest.mark.parametrize("path", DECODE_PATHS)
+@pytest.mark.parametrize("heads,rank,rope", [(1, 64, 16), (4, 64, 16), (16, 48, 16), (8, 512, 64), (6, 20, 12)])
 def test_decode_matches_sdpa(heads, rank, rope, path, monkeypatch):
-    """The three decode paths (one padded batch; a sequence at a time; long sequences chunk by chunk with
-    an online softmax) and calls in a row (the gather workspaces are reused) match fp32 SDPA."""
+    """The decode paths (our fused C kernel; in torch: one padded batch, a sequence at a time, long
+    sequences chunk by chunk with an online softmax) and calls in a row (workspaces are reused) match
+    fp32 SDPA. Odd head counts and widths that are not multiples of 8 take the kernel's remainder code."""
     _choose_path(path, monkeypatch)
     torch.manual_seed(heads)
-    for seq_lens in ([1, 15, 16, 17, 90], [33, 2]):
+    for seq_lens in ([1, 15, 16, 17, 90], [33, 2], [1100, 512, 513]):  # the kernel splits at 512 tokens
         latents = [torch.randn(n, rank + rope) for n in seq_lens]
-        cache, table = _paged_cache(latents, num_blocks=40)
+        cache, table = _paged_cache(latents, num_blocks=160)
         q = torch.randn(len(seq_lens), heads, rank + rope)
         scale = (rank + rope) ** -0.5
         got = paged_latent_decode(q, cache, table, torch.tensor(seq_lens), scale, rank)
@@ -71,7 +80,7 @@ def test_decode_matches_sdpa(heads, rank, rope, path, monkeypatch):
         assert (got - want).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("path", ["batched", "per-sequence", "chunked"])
+@pytest.mark.parametrize("path", DECODE_PATHS)
 def test_bf16_decode_matches_fp32(path, monkeypatch):
     """A bf16 cache (computed in fp32 on CPUs without native bf16 matmul) matches the fp32 result of the
     same bf16 values."""
@@ -85,6 +94,41 @@ def test_bf16_decode_matches_fp32(path, monkeypatch):
     assert got.dtype == torch.bfloat16
     want = _reference_decode(q.float(), latents, 0.1, 64)
     assert (got.float() - want).abs().max().item() < 2e-2
+
+
+def test_fused_kernel_is_batch_and_head_invariant(monkeypatch):
+    """Our C kernel gives a sequence bit-identical results alone or in any batch, and for any subset of
+    heads (a tensor-parallel rank), with fp32, bf16 and fp16 caches: the determinism vLLM users expect."""
+    _choose_path("fused", monkeypatch)
+    torch.manual_seed(11)
+    seq_lens = [3, 600, 31, 1030, 77]
+    latents = [torch.randn(n, 100) for n in seq_lens]
+    cache32, table = _paged_cache(latents, num_blocks=200)
+    q = torch.randn(len(seq_lens), 12, 100)
+    for cache in (cache32, cache32.bfloat16(), cache32.half()):
+        batch = paged_latent_decode(q, cache, table, torch.tensor(seq_lens), 0.1, 84)
+        assert batch.dtype == cache.dtype
+        want = _reference_decode(q.to(cache.dtype).float(), [x.to(cache.dtype).float() for x in latents], 0.1, 84)
+        assert (batch.float() - want).abs().max().item() < (1e-5 if cache is cache32 else 2e-2)
+        for i in range(len(seq_lens)):
+            alone = paged_latent_decode(q[i:i + 1], cache, table[i:i + 1], torch.tensor(seq_lens[i:i + 1]), 0.1, 84)
+            assert torch.equal(alone[0], batch[i])
+        for heads in (slice(0, 5), slice(5, 12)):
+            part = paged_latent_decode(q[:, heads].contiguous(), cache, table, torch.tensor(seq_lens), 0.1, 84)
+            assert torch.equal(part, batch[:, heads])
+
+
+def test_fused_kernel_can_be_switched_off(monkeypatch):
+    """VLLM_TRANSMLA_CPU_KERNEL=0 keeps the torch path (for CPUs or setups where the kernel misbehaves)."""
+    from vllm_transmla.serving import cpu_kernel
+
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    cpu_kernel._library.cache_clear()
+    try:
+        assert not cpu_kernel.available()
+    finally:
+        monkeypatch.delenv(cpu_kernel.ENV_SWITCH)
+        cpu_kernel._library.cache_clear()
 
 
 def _prefill(q, k, v, lengths, scale):

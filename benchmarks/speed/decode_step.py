@@ -1,5 +1,6 @@
-"""Attention decode step per layer: our latent backend, vLLM's stock CPU MLA kernel (576 only) and vLLM's
-CPU attention for the original (per-head) cache, each next to its roofline measured in the same run.
+"""Attention decode step per layer: our latent backend (its fused C kernel and its torch fallback), vLLM's
+stock CPU MLA kernel (576 only) and vLLM's CPU attention for the original (per-head) cache, each next to
+its roofline measured in the same run.
 
 Shapes (defaults): 16 query heads; MLA latent 512 + 64 (the stock kernel's only size); the original an
 MHA layer of 16 KV heads x 64 (2048 cached values per token) or, with --kv-heads 4, a 4:1 GQA layer.
@@ -59,7 +60,8 @@ def _block_table(batch: int, blocks_per_seq: int, gen) -> torch.Tensor:
 
 
 def mla_case(batch: int, context: int, heads: int, rank: int, rope: int, kernel: str, block: int = 16) -> dict:
-    from vllm_transmla.serving.backend import paged_latent_decode
+    from vllm_transmla.serving import cpu_kernel
+    from vllm_transmla.serving.backend import paged_latent_decode, torch_latent_decode
 
     gen = torch.Generator().manual_seed(0)
     blocks = context // block
@@ -69,7 +71,10 @@ def mla_case(batch: int, context: int, heads: int, rank: int, rope: int, kernel:
     q = torch.randn(batch, heads, rank + rope, generator=gen).bfloat16()
     scale = (128 + rope) ** -0.5
     if kernel == "ours":
+        assert cpu_kernel.available(), "our fused CPU kernel did not build here (see the log)"
         fn = lambda: paged_latent_decode(q, cache, table, seq_lens, scale, rank)  # noqa: E731
+    elif kernel == "ours-torch":
+        fn = lambda: torch_latent_decode(q, cache, table, seq_lens, scale, rank)  # noqa: E731
     else:
         out = torch.zeros(batch, heads, rank, dtype=q.dtype)
         fn = lambda: torch.ops._C.mla_decode_kvcache(out, q, cache, scale, table, seq_lens)  # noqa: E731
@@ -128,12 +133,13 @@ def main() -> None:
     runs = []
     for batch in args.batches:
         for context in args.contexts:
-            cases = [("ours (latent backend)", mla_case, (batch, context, args.heads, args.rank, args.rope, "ours")),
+            mla = (batch, context, args.heads, args.rank, args.rope)
+            cases = [("ours (fused C kernel)", mla_case, (*mla, "ours")),
+                     ("ours (torch fallback)", mla_case, (*mla, "ours-torch")),
                      ("original (vLLM CPU attention)", mha_case,
                       (batch, context, args.heads, args.kv_heads, args.head_dim))]
             if args.rank + args.rope == 576:
-                cases.append(("stock CPU MLA (576)", mla_case,
-                              (batch, context, args.heads, args.rank, args.rope, "stock")))
+                cases.append(("stock CPU MLA (576)", mla_case, (*mla, "stock")))
             for name, case, case_args in cases:
                 runs.append(against_roofline(case(*case_args), peaks, peak_flops, kernel=name, batch=batch,
                                              context=context))

@@ -32,6 +32,8 @@ from vllm.v1.attention.backend import AttentionLayer, MultipleOf
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
 from vllm.v1.attention.backends.mla.prefill.base import MLAPrefillBackend
 
+from vllm_transmla.serving import cpu_kernel
+
 
 @dataclass
 class LatentMLAMetadata(MLACommonMetadata):
@@ -79,6 +81,16 @@ def paged_latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
 
     q [B, H, R + D] (latent query), kv_cache [num_blocks, block_size, R + D], block_table [B, max_blocks],
     seq_lens [B] -> out [B, H, R] = softmax(q . latent * scale) @ c_kv over each sequence's tokens.
+
+    On x86 CPUs it runs our fused C kernel (`cpu_kernel.py`), else `torch_latent_decode`."""
+    if USE_CPU_KERNEL and kv_cache.device.type == "cpu" and kv_cache.is_contiguous() and cpu_kernel.available():
+        return cpu_kernel.fused_latent_decode(q, kv_cache, block_table, seq_lens, scale, kv_lora_rank, _workspace)
+    return torch_latent_decode(q, kv_cache, block_table, seq_lens, scale, kv_lora_rank)
+
+
+def torch_latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, scale: float, kv_lora_rank: int) -> torch.Tensor:
+    """`paged_latent_decode` in torch ops (any device).
 
     Small batches x contexts run as one padded batch; long ones a sequence at a time (no padding, and
     the gathered latent of one sequence stays small). Gathered latents land in reused workspaces:
@@ -138,6 +150,7 @@ def _chunked_sequence(q: torch.Tensor, kv_cache: torch.Tensor, blocks: torch.Ten
     return (acc / running_sum).to(kv_cache.dtype)
 
 
+USE_CPU_KERNEL = True  # tests switch it off to check the torch path
 BATCHED_DECODE_BYTES = 32 * 2**20  # the padded batch path's latent workspace, at most
 DECODE_CHUNK_TOKENS = 2048  # longer sequences run chunk by chunk (flash-decoding)
 _WORKSPACES: dict = {}

@@ -1,0 +1,131 @@
+"""The fused CPU decode kernel (`csrc/latent_decode.c`): built with the system C compiler on first use,
+cached, and called through ctypes.
+
+Plain C rather than a torch extension: it compiles in about a second (no torch headers, no ninja), and
+linking `-fopenmp` after torch is loaded binds it to torch's own libgomp, so it runs on the same
+(vLLM-pinned) OpenMP threads as torch. Where it cannot be used (not x86-64 with AVX2/FMA/F16C, no
+compiler, `VLLM_TRANSMLA_CPU_KERNEL=0`), `available()` is False and the backend keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "latent_decode.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ENV_SWITCH = "VLLM_TRANSMLA_CPU_KERNEL"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VLLM_TRANSMLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vllm_transmla")
+    return Path(root) / "kernels"
+
+
+def _cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel once per (source, flags, compiler) into the cache; concurrent builders (tensor
+    parallel workers) each write a temporary file and rename it into place."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"latent_decode-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not _cpu_has_avx2():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("transmla: no C compiler found; the latent decode runs on the slower torch path")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        logger.warning("transmla: building the CPU decode kernel failed (%s); using the torch path", detail[-500:])
+        return None
+    return _declare(lib)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The C signatures (pointers as void*, so 64-bit addresses pass intact)."""
+    lib.latent_decode.restype = ctypes.c_int
+    lib.latent_decode.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]
+    lib.latent_decode_workspace_floats.restype = ctypes.c_long
+    lib.latent_decode_workspace_floats.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                   ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def fused_latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, scale: float, kv_lora_rank: int, workspace) -> torch.Tensor:
+    """`paged_latent_decode` in one fused pass: q [B, H, W], kv_cache [blocks, block_size, W] (fp32, bf16
+    or fp16), block_table [B, max_blocks], seq_lens [B] -> [B, H, R] in the cache dtype.
+
+    `workspace(name, numel, dtype, device)` hands out reused buffers (no per-step page faults)."""
+    lib = _library()
+    assert lib is not None, "the CPU decode kernel is not available here"
+    batch, heads, width = q.shape
+    padded = -(-width // 8) * 8
+    threads = torch.get_num_threads()
+    q_in = workspace("kernel_q", batch * heads * padded, torch.float32, q.device).view(batch, heads, padded)
+    q_in[..., width:].zero_()
+    q_in[..., :width].copy_(q).mul_(scale)
+    table = block_table if block_table.dtype == torch.int32 else block_table.int()
+    table = table.contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    floats = lib.latent_decode_workspace_floats(batch, lens.data_ptr(), heads, width, kv_lora_rank, threads)
+    scratch = workspace("kernel_scratch", floats, torch.float32, q.device)
+    out = torch.empty(batch, heads, kv_lora_rank, dtype=torch.float32, device=q.device)
+    cache = kv_cache
+    assert cache.is_contiguous(), "the paged latent cache must be contiguous"
+    status = lib.latent_decode(q_in.data_ptr(), cache.data_ptr(), DTYPE_CODES[cache.dtype], cache.shape[1], width,
+                               kv_lora_rank, table.data_ptr(), table.shape[1], lens.data_ptr(), batch, heads,
+                               out.data_ptr(), scratch.data_ptr(), threads)
+    if status != 0:
+        raise RuntimeError(f"transmla CPU decode kernel failed with status {status}")
+    return out.to(kv_cache.dtype)

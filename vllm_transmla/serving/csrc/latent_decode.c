@@ -1,0 +1,269 @@
+/*
+ * Absorbed MLA decode over a paged latent cache, fused per tile of tokens (x86-64, AVX2 + FMA + F16C).
+ *
+ * out[b, h, :R] = softmax_t(scale * q[b, h] . c[b, t]) @ c[b, t, :R], c = the cached latent rows
+ * (R latent dims + D rope dims, fp32 / bf16 / fp16), one query token per sequence.
+ *
+ * Why a kernel: in torch the decode is gather blocks -> convert to fp32 -> [H x W] @ [W x S] ->
+ * softmax -> [H x S] @ [S x R], each pass through memory, and the 16-row GEMMs run at 40-55% of the
+ * matmul peak (benchmarks/speed/decode_step.py). Here every tile of TILE tokens is converted once into
+ * an L1/L2-resident fp32 block, both products run from registers (4 heads x 3 tokens and 4 heads x
+ * 24 dims accumulators), and the softmax is online (flash-decoding) so nothing sequence-sized is
+ * written. Work items are (sequence, SPLIT-token range), run on torch's own OpenMP pool; their partial
+ * results are merged in a fixed order, so a sequence's output does not depend on the rest of the batch.
+ *
+ * Every dot product accumulates in the same order whatever register block computes it, so results do
+ * not depend on the number of heads (tensor parallelism) either.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+#ifndef TILE
+#define TILE 32 /* tokens converted and multiplied together */
+#endif
+#ifndef SPLIT
+#define SPLIT 512 /* tokens of one work item (flash-decoding split) */
+#endif
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+/* exp for x <= 0 (Cephes polynomial, ~1 ulp); -inf and anything below -87 give ~0. */
+static inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* One cached row (width values of dtype) -> fp32 dst, zero-padded to padded (a multiple of 8). */
+static inline void load_row(const void *src, int dtype, int width, int padded, float *dst) {
+    int i = 0;
+    if (dtype == DT_F32) {
+        memcpy(dst, src, (size_t)width * 4);
+        i = width;
+    } else if (dtype == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (; i + 8 <= width; i += 8) {
+            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+        }
+        for (; i < width; i++) {
+            uint32_t bits = (uint32_t)s[i] << 16;
+            memcpy(dst + i, &bits, 4);
+        }
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        for (; i + 8 <= width; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+        for (; i < width; i++) dst[i] = _cvtsh_ss(s[i]);
+    }
+    for (; i < padded; i++) dst[i] = 0.0f;
+}
+
+/* scores[i][j] = q[i] . c[j] for NH heads x NT tokens over wp dims (multiple of 8). */
+#define DEFINE_QK(NH, NT)                                                                              \
+    static inline void qk_##NH##x##NT(const float *q, const float *c, int wp, float *s, int sstride) { \
+        __m256 acc[NH][NT];                                                                            \
+        for (int i = 0; i < NH; i++)                                                                   \
+            for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();                              \
+        for (int d = 0; d < wp; d += 8) {                                                              \
+            __m256 cv[NT];                                                                             \
+            for (int j = 0; j < NT; j++) cv[j] = _mm256_loadu_ps(c + (size_t)j * wp + d);              \
+            for (int i = 0; i < NH; i++) {                                                             \
+                __m256 qv = _mm256_loadu_ps(q + (size_t)i * wp + d);                                   \
+                for (int j = 0; j < NT; j++) acc[i][j] = _mm256_fmadd_ps(qv, cv[j], acc[i][j]);        \
+            }                                                                                          \
+        }                                                                                              \
+        for (int i = 0; i < NH; i++)                                                                   \
+            for (int j = 0; j < NT; j++) s[i * sstride + j] = hsum(acc[i][j]);                         \
+    }
+DEFINE_QK(4, 3)
+DEFINE_QK(4, 1)
+DEFINE_QK(1, 1)
+
+/* acc[i][d0 : d0 + 8 NV] += sum_t p[i][t] c[t][d0 : d0 + 8 NV] for NH heads, in token order. */
+#define DEFINE_PV(NH, NV)                                                                                    \
+    static inline void pv_##NH##x##NV(const float *p, int pstride, const float *c, int cstride, int ntok, \
+                                      float *acc, int astride) {                                           \
+        __m256 a[NH][NV];                                                                                    \
+        for (int i = 0; i < NH; i++)                                                                         \
+            for (int j = 0; j < NV; j++) a[i][j] = _mm256_loadu_ps(acc + (size_t)i * astride + 8 * j);       \
+        for (int t = 0; t < ntok; t++) {                                                                     \
+            __m256 cv[NV];                                                                                   \
+            for (int j = 0; j < NV; j++) cv[j] = _mm256_loadu_ps(c + (size_t)t * cstride + 8 * j);           \
+            for (int i = 0; i < NH; i++) {                                                                   \
+                __m256 pv = _mm256_broadcast_ss(p + (size_t)i * pstride + t);                                \
+                for (int j = 0; j < NV; j++) a[i][j] = _mm256_fmadd_ps(pv, cv[j], a[i][j]);                  \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int i = 0; i < NH; i++)                                                                         \
+            for (int j = 0; j < NV; j++) _mm256_storeu_ps(acc + (size_t)i * astride + 8 * j, a[i][j]);       \
+    }
+DEFINE_PV(4, 3)
+DEFINE_PV(4, 1)
+DEFINE_PV(1, 3)
+DEFINE_PV(1, 1)
+
+/* scores [heads][TILE] of one tile. */
+static void tile_scores(const float *q, int heads, const float *tile, int ntok, int wp, float *scores) {
+    int h = 0;
+    for (; h + 4 <= heads; h += 4) {
+        int t = 0;
+        for (; t + 3 <= ntok; t += 3) qk_4x3(q + (size_t)h * wp, tile + (size_t)t * wp, wp, scores + h * TILE + t, TILE);
+        for (; t < ntok; t++) qk_4x1(q + (size_t)h * wp, tile + (size_t)t * wp, wp, scores + h * TILE + t, TILE);
+    }
+    for (; h < heads; h++)
+        for (int t = 0; t < ntok; t++) qk_1x1(q + (size_t)h * wp, tile + (size_t)t * wp, wp, scores + h * TILE + t, TILE);
+}
+
+/* acc [heads][rp] += probs [heads][TILE] @ tile[:, :rp] (rp a multiple of 8). */
+static void tile_values(const float *probs, int heads, const float *tile, int ntok, int wp, float *acc, int rp) {
+    int d = 0;
+    for (; d + 24 <= rp; d += 24) {
+        int h = 0;
+        for (; h + 4 <= heads; h += 4) pv_4x3(probs + h * TILE, TILE, tile + d, wp, ntok, acc + (size_t)h * rp + d, rp);
+        for (; h < heads; h++) pv_1x3(probs + h * TILE, TILE, tile + d, wp, ntok, acc + (size_t)h * rp + d, rp);
+    }
+    for (; d < rp; d += 8) {
+        int h = 0;
+        for (; h + 4 <= heads; h += 4) pv_4x1(probs + h * TILE, TILE, tile + d, wp, ntok, acc + (size_t)h * rp + d, rp);
+        for (; h < heads; h++) pv_1x1(probs + h * TILE, TILE, tile + d, wp, ntok, acc + (size_t)h * rp + d, rp);
+    }
+}
+
+/* Online softmax of one tile: scores -> probs in place, running max/sum updated, acc rescaled. */
+static void tile_softmax(float *scores, int heads, int ntok, float *run_max, float *run_sum, float *acc, int rp) {
+    for (int h = 0; h < heads; h++) {
+        float *s = scores + h * TILE;
+        for (int t = ntok; t < TILE; t++) s[t] = -INFINITY;  /* pad lanes give exp = 0 */
+        __m256 m = _mm256_set1_ps(-INFINITY);
+        for (int t = 0; t < TILE; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float tile_max = _mm_cvtss_f32(m4);
+        float new_max = run_max[h] > tile_max ? run_max[h] : tile_max;
+        __m256 nm = _mm256_set1_ps(new_max), total = _mm256_setzero_ps();
+        for (int t = 0; t < TILE; t += 8) {
+            __m256 v = _mm256_loadu_ps(s + t), real = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_GT_OQ);
+            __m256 e = _mm256_and_ps(real, exp_ps(_mm256_sub_ps(v, nm)));
+            _mm256_storeu_ps(s + t, e);
+            total = _mm256_add_ps(total, e);
+        }
+        if (new_max != run_max[h]) {
+            float alpha = run_max[h] == -INFINITY ? 0.0f : expf(run_max[h] - new_max);
+            __m256 av = _mm256_set1_ps(alpha);
+            float *a = acc + (size_t)h * rp;
+            for (int d = 0; d < rp; d += 8) _mm256_storeu_ps(a + d, _mm256_mul_ps(av, _mm256_loadu_ps(a + d)));
+            run_sum[h] *= alpha;
+            run_max[h] = new_max;
+        }
+        run_sum[h] += hsum(total);
+    }
+}
+
+/* Floats of workspace the caller provides: per item partials, then per thread tile buffers. */
+long latent_decode_workspace_floats(int batch, const int32_t *seq_lens, int heads, int width, int rank, int threads) {
+    long items = 0;
+    for (int b = 0; b < batch; b++) items += seq_lens[b] > 0 ? (seq_lens[b] + SPLIT - 1) / SPLIT : 1;
+    int wp = (width + 7) / 8 * 8, rp = (rank + 7) / 8 * 8;
+    return items * heads * (rp + 2) + (long)threads * (TILE * wp + heads * TILE);
+}
+
+/*
+ * q [batch][heads][wp] fp32, pre-scaled, zero-padded to wp = roundup(width, 8);
+ * cache [num_blocks][block_size][width] of dtype; block_table [batch][table_stride] int32;
+ * seq_lens [batch] int32; out [batch][heads][rank] fp32; workspace of latent_decode_workspace_floats().
+ */
+int latent_decode(const float *q, const void *cache, int dtype, int block_size, int width, int rank,
+                  const int32_t *block_table, int table_stride, const int32_t *seq_lens, int batch, int heads,
+                  float *out, float *workspace, int threads) {
+    int wp = (width + 7) / 8 * 8, rp = (rank + 7) / 8 * 8;
+    if (rp > wp) return 1;
+    size_t elem = dtype == DT_F32 ? 4 : 2, row_bytes = (size_t)width * elem;
+    long items = 0;
+    for (int b = 0; b < batch; b++) items += seq_lens[b] > 0 ? (seq_lens[b] + SPLIT - 1) / SPLIT : 1;
+    int *item_seq = malloc(sizeof(int) * 2 * items), *item_start = item_seq + items;
+    long *first_item = malloc(sizeof(long) * (batch + 1));
+    if (!item_seq || !first_item) return 2;
+    long n = 0;
+    for (int b = 0; b < batch; b++) {
+        first_item[b] = n;
+        int len = seq_lens[b] > 0 ? seq_lens[b] : 1;
+        for (int start = 0; start < len; start += SPLIT) item_seq[n] = b, item_start[n++] = start;
+    }
+    first_item[batch] = n;
+    float *partial_acc = workspace, *partial_max = workspace + items * heads * rp;
+    float *partial_sum = partial_max + items * heads, *thread_space = partial_sum + items * heads;
+
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (long it = 0; it < items; it++) {
+        int b = item_seq[it], start = item_start[it], len = seq_lens[b];
+        int end = start + SPLIT < len ? start + SPLIT : len;
+        float *tile = thread_space + (long)omp_get_thread_num() * (TILE * wp + heads * TILE);
+        float *scores = tile + TILE * wp;
+        float *acc = partial_acc + it * heads * rp, *run_max = partial_max + it * heads, *run_sum = partial_sum + it * heads;
+        memset(acc, 0, sizeof(float) * heads * rp);
+        for (int h = 0; h < heads; h++) run_max[h] = -INFINITY, run_sum[h] = 0.0f;
+        const float *qb = q + (size_t)b * heads * wp;
+        const int32_t *blocks = block_table + (size_t)b * table_stride;
+        for (int t0 = start; t0 < end; t0 += TILE) {
+            int ntok = end - t0 < TILE ? end - t0 : TILE;
+            for (int t = 0; t < ntok; t++) {
+                int pos = t0 + t;
+                const char *row = (const char *)cache +
+                                  ((size_t)blocks[pos / block_size] * block_size + pos % block_size) * row_bytes;
+                load_row(row, dtype, width, wp, tile + (size_t)t * wp);
+            }
+            tile_scores(qb, heads, tile, ntok, wp, scores);
+            tile_softmax(scores, heads, ntok, run_max, run_sum, acc, rp);
+            tile_values(scores, heads, tile, ntok, wp, acc, rp);
+        }
+    }
+
+    /* merge each sequence's splits in order */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < batch; b++) {
+        for (int h = 0; h < heads; h++) {
+            float *o = out + ((size_t)b * heads + h) * rank;
+            if (seq_lens[b] <= 0) {
+                memset(o, 0, sizeof(float) * rank);
+                continue;
+            }
+            float m = -INFINITY, total = 0.0f;
+            for (long it = first_item[b]; it < first_item[b + 1]; it++)
+                if (partial_max[it * heads + h] > m) m = partial_max[it * heads + h];
+            for (int d = 0; d < rank; d++) o[d] = 0.0f;
+            for (long it = first_item[b]; it < first_item[b + 1]; it++) {
+                float w = expf(partial_max[it * heads + h] - m);
+                total += w * partial_sum[it * heads + h];
+                const float *a = partial_acc + (it * heads + h) * rp;
+                for (int d = 0; d < rank; d++) o[d] += w * a[d];
+            }
+            for (int d = 0; d < rank; d++) o[d] /= total;
+        }
+    }
+    free(item_seq);
+    free(first_item);
+    return 0;
+}
