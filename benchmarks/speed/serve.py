@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import build_pair, kv_bytes_per_token  # noqa: E402
+from throughput import PAIRS, build_pair, kv_bytes_per_token  # noqa: E402
 
 METRICS = ["output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
            "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms"]
@@ -86,7 +86,7 @@ def serve_and_bench(model: Path, args, budget: int | None, work: Path, name: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default="mha", choices=["reference", "mha", "gqa"])
+    parser.add_argument("--pair", default="mha", choices=PAIRS)
     parser.add_argument("--original", help="your own original checkpoint (with --converted)")
     parser.add_argument("--converted", help="its converted checkpoint")
     parser.add_argument("--input-len", type=int, default=1024)

@@ -10,7 +10,8 @@ Output tokens per second are compared as converted / original in the same run. E
 process of its own (on CPU with its engine core inline, see --engine-process).
 
 Default pairs (`--pairs`): the reference model and its 25% conversion; random MHA-shaped and 4:1
-GQA-shaped Llama models (~100-200M parameters, built here) converted to 512 + 64.
+GQA-shaped Llama models (~100-200M parameters, built here) converted to 512 + 64; `mha128` is the MHA
+shape with LLaMA-2-7B's head size (8 heads x 128 instead of 16 x 64, the same cache per token).
 
     python benchmarks/speed/throughput.py                            # all pairs, L = 256 .. 1024
     python benchmarks/speed/throughput.py --pairs mha --lengths 512 2048 --prompts 16
@@ -29,11 +30,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Random Llama shapes (4 layers, hidden 1024 / 2048): MHA 16 x 64 caches 2048 values per token and layer
-# (512 + 64 is 28% of it); GQA 16 x 128 with 4 KV heads caches 1024 (512 + 64 is 56%).
+# Random Llama shapes (4 layers, hidden 1024 / 2048): MHA 16 x 64 and MHA 8 x 128 (LLaMA-2-7B's head
+# size) both cache 2048 values per token and layer (512 + 64 is 28% of it); GQA 16 x 128 with 4 KV heads
+# caches 1024 (512 + 64 is 56%). Absorbed MLA decoding costs ~4 (R + D/2) FLOPs per query head and cached
+# token, per-head attention reads 8 d bytes per KV head (fp32): on a compute-bound CPU the head size
+# decides which is faster.
+PAIRS = ["reference", "mha", "mha128", "gqa"]
 SHAPES = {
     "mha": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                 num_key_value_heads=16, head_dim=64, vocab_size=8192),
+    "mha128": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=8, head_dim=128, vocab_size=8192),
     "gqa": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=16,
                 num_key_value_heads=4, head_dim=128, vocab_size=8192),
 }
@@ -88,7 +95,7 @@ def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["reference", "mha", "gqa"], choices=["reference", "mha", "gqa"])
+    parser.add_argument("--pairs", nargs="+", default=["reference", "mha", "gqa"], choices=PAIRS)
     parser.add_argument("--original", help="your own original checkpoint (with --converted)")
     parser.add_argument("--converted", help="its converted checkpoint")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
