@@ -6,7 +6,8 @@ Timed, from the layer's normed hidden states [T, hidden] to the attention output
   attention of our prefill backend (MLAAttention's expanded path);
 * original: q_proj, k_proj, v_proj and vLLM's CPU attention (`cpu_attention_with_kv_cache`).
 Projections run through vLLM's CPU GEMM (oneDNN, as vLLM's linear layers do). Not timed on either side:
-rotary embedding and the cache write (O(T) each).
+rotary embedding and the cache write (O(T) each). The two sides are called in turn (median of 5 each),
+and the peaks are measured before and after the runs (the higher kept): this machine is shared.
 
 Shapes (defaults, the MHA pair of throughput.py): hidden 1024, 16 query heads of 64; the converted layer
 has a 512 + 64 latent, qk_nope = v = 64 and rope 64 (q/k heads of 128); the original 16 KV heads x 64.
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from decode_step import against_roofline, machine_peaks, save_results, timed
+from decode_step import against_roofline, machine_peaks, save_results, settle_rooflines
 
 
 class Projection:
@@ -83,7 +85,7 @@ def ours_case(batch: int, tokens: int, hidden_size: int, heads: int, rank: int, 
              + sum(p.flops(total) for p in (q_proj, kv_a, kv_b)))
     weights = sum(p.weight.numel() for p in (q_proj, kv_a, kv_b))
     size = dtype.itemsize
-    return {"seconds": timed(fn, repeat=3, warmup=1), "flops": flops,
+    return {"fn": fn, "flops": flops,
             "bytes": size * (hidden.numel() + weights + total * (rank + rope) + out.numel())}
 
 
@@ -121,8 +123,22 @@ def original_case(batch: int, tokens: int, hidden_size: int, heads: int, kv_head
     size = dtype.itemsize
     flops = batch * heads * tokens**2 * 2 * head_dim + sum(p.flops(total) for p in projections)
     weights = sum(p.weight.numel() for p in projections)
-    return {"seconds": timed(fn, repeat=3, warmup=1), "flops": flops,
+    return {"fn": fn, "flops": flops,
             "bytes": size * (hidden.numel() + weights + 2 * total * kv_heads * head_dim + out.numel()), "isa": isa}
+
+
+def timed_side_by_side(fns: list, repeat: int = 5) -> list[float]:
+    """Median seconds of each fn, called in turn (a b a b ...) after one warm-up each, so that a slow
+    spell of a shared machine falls on both sides rather than on one."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [sorted(spent)[len(spent) // 2] for spent in times]
 
 
 def main() -> None:
@@ -153,12 +169,16 @@ def main() -> None:
                        dtype)),
                      ("original (vLLM CPU attention)", original_case,
                       (batch, tokens, args.hidden, args.heads, args.kv_heads, args.head_dim, dtype))]
-            pair = [against_roofline(case(*case_args), peaks, peak_flops, kernel=name, batch=batch, tokens=tokens)
-                    for name, case, case_args in cases]
+            measured = [case(*case_args) for _, case, case_args in cases]
+            for record, seconds in zip(measured, timed_side_by_side([m.pop("fn") for m in measured])):
+                record["seconds"] = seconds
+            pair = [against_roofline(record, peaks, peak_flops, kernel=name, batch=batch, tokens=tokens)
+                    for (name, _, _), record in zip(cases, measured)]
             for record in pair:
                 print(json.dumps(record), flush=True)
             pair[0]["original_over_ours"] = pair[1]["seconds"] / pair[0]["seconds"]
             runs += pair
+    peaks = settle_rooflines(runs, peaks)
     save_results(args, peaks, runs, x="tokens", xlabel="prompt tokens per request",
                  ylabel="ms per prefill, one layer's attention", title="batch {batch}, {dtype}")
 

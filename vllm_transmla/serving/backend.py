@@ -227,31 +227,35 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 
 PREFILL_SCORE_BYTES = 32 * 2**20  # the score block of one query chunk, at most
+PREFILL_ROWS = 128  # query rows per chunk: fewer waste matmul speed, more waste the causal half's work
 
 
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of one request, q/k [H, T, d_qk], v [H, T, d_v] -> [H, T, d_v], on CPU.
 
     Query rows go in chunks; a chunk attends to the keys up to its last row only (the causal half is
-    never computed) with two batched matmuls and a softmax in a reused score workspace. On this
-    project's CPU it runs 3-4x faster than torch's CPU SDPA kernel (benchmarks/speed/prefill_step.py);
-    16-bit inputs are computed in fp32 where the CPU has no native 16-bit matmul."""
+    never computed but for the chunk's own diagonal block) with two batched matmuls around torch's
+    fused softmax, in place in a reused score workspace. On this project's CPU it runs 3-4x faster
+    than torch's CPU SDPA kernel (benchmarks/speed/prefill_step.py); 16-bit inputs are computed in fp32
+    where the CPU has no native 16-bit matmul."""
     heads, tokens, _ = q.shape
     compute = compute_dtype(q.dtype, q.device)
     q, k, v = (q * scale).to(compute), k.to(compute), v.to(compute)
     key_t = k.transpose(1, 2)  # [H, d_qk, T]
     out = torch.empty(heads, tokens, v.shape[-1], dtype=compute, device=q.device)
-    rows = max(16, min(256, PREFILL_SCORE_BYTES // (heads * tokens * compute.itemsize)))
+    # 128 rows: the chunk's diagonal block wastes little (6% of the work at T = 2K) and the matmuls
+    # keep their speed (benchmarks/speed/prefill_step.py); fewer rows when the score block gets large
+    rows = max(16, min(PREFILL_ROWS, PREFILL_SCORE_BYTES // (heads * tokens * compute.itemsize)))
     for start in range(0, tokens, rows):
         end = min(tokens, start + rows)
         scores = _workspace("scores", heads * (end - start) * end, compute, q.device).view(heads, end - start, end)
         torch.bmm(q[:, start:end], key_t[:, :, :end], out=scores)
         future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
         scores[:, :, start:end].masked_fill_(future, float("-inf"))
-        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        total = scores.sum(dim=-1, keepdim=True)
+        # one pass per row (max, exp and sum, scale) where max/sub/exp/sum/div each swept the whole block;
+        # every row keeps its diagonal entry, so none is all -inf
+        torch.ops.aten._softmax.out(scores, -1, False, out=scores)
         torch.bmm(scores, v[:, :end], out=out[:, start:end])
-        out[:, start:end].div_(total)
     return out
 
 
