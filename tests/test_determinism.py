@@ -36,8 +36,9 @@ def batch() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def alone_and_batched(model, batch):
+    # no prefix caching: the batch would otherwise reuse the solo runs' blocks (that is the next test's job)
     return run_vllm({"model": str(model), "prompts": batch, "max_tokens": MAX_TOKENS, "solo": list(range(16)),
-                     "kv_cache_memory_bytes": 4_000_000})
+                     "kv_cache_memory_bytes": 4_000_000, "enable_prefix_caching": False})
 
 
 def _tokens(outputs):
@@ -49,6 +50,22 @@ def test_alone_equals_in_a_batch_of_16(alone_and_batched):
     assert alone_and_batched["num_preemptions"] == 0
     for i, (a, b) in enumerate(zip(_tokens(solo), _tokens(alone_and_batched["outputs"]))):
         assert a == b, f"prompt {i}: alone {a} vs batched {b}"
+
+
+def test_chunked_prefill_and_prefix_cache_equal_alone(model, batch, alone_and_batched):
+    """Chunked prefill (32 tokens a step, so prompts of up to 78 tokens go in 1-3 chunks) and prefix caching
+    (the batch reuses the blocks its solo runs cached) on our backend: every new token then attends to
+    cached context through `run_prefill_context_chunk` and vLLM's lse merge. Tokens equal the plain run's."""
+    result = run_vllm({"model": str(model), "prompts": batch, "max_tokens": MAX_TOKENS, "solo": list(range(16)),
+                       "kv_cache_memory_bytes": 4_000_000, "max_num_batched_tokens": 32})
+    # vLLM's CPU platform turns both off for MLA models; the plugin gives them back to ours
+    assert result["enable_chunked_prefill"] and result["enable_prefix_caching"]
+    assert result["max_num_batched_tokens"] == 32 < max(len(p) for p in batch)
+    # the batch finds every full 16-token block of its prompts but the one holding the last token
+    assert result["prefix_cache_hits"] >= sum((len(p) - 1) // 16 * 16 for p in batch)
+    plain = [alone_and_batched["solo_outputs"][str(i)] for i in range(16)]
+    assert _tokens(result["solo_outputs"][str(i)] for i in range(16)) == _tokens(plain)
+    assert _tokens(result["outputs"]) == _tokens(plain)
 
 
 def test_batch_with_preemption_equals_alone(model, batch, alone_and_batched):

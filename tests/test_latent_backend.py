@@ -230,3 +230,68 @@ def test_triton_decode_path_interpreted():
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = float(proc.stdout.split("MAXDIFF")[1])
     assert worst < 1e-4
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_log_sum_exp_matches_reference(causal, monkeypatch):
+    """`chunked_attention`'s lse is log sum exp of each row's scaled, masked scores (what vLLM's merge of
+    context and new-token partials needs), in query chunks of 16 rows, with fewer queries than keys."""
+    from vllm_transmla.serving import backend
+
+    monkeypatch.setattr(backend, "PREFILL_SCORE_BYTES", 0)
+    torch.manual_seed(5)
+    heads, queries, keys = 3, 37, 90
+    q, k, v = torch.randn(heads, queries, 24), torch.randn(heads, keys, 24), torch.randn(heads, keys, 8)
+    out, lse = backend.chunked_attention(q, k, v, 0.3, causal=causal, return_lse=True)
+    scores = q @ k.transpose(1, 2) * 0.3
+    if causal:  # the queries are the last 37 positions
+        scores.masked_fill_(torch.ones(queries, keys, dtype=torch.bool).triu(keys - queries + 1), float("-inf"))
+    assert (lse - torch.logsumexp(scores, -1)).abs().max().item() < 1e-5
+    assert (out - torch.softmax(scores, -1) @ v).abs().max().item() < 1e-5
+
+
+def test_context_chunks_merged_with_new_tokens_equal_full_causal_attention():
+    """Chunked prefill / prefix caching as vLLM's MLA layer runs it: each request's new tokens attend to its
+    cached context in two workspace chunks (`run_prefill_context_chunk`) and to themselves
+    (`run_prefill_new_tokens`), and vLLM's `merge_attn_states` folds the partials by their lse. The result
+    equals fp32 causal SDPA over context + new tokens; a request without context passes through."""
+    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+    torch.manual_seed(7)
+    heads, dqk, dv = 4, 24, 16
+    context, new = [0, 5, 40], [3, 17, 1]
+    full = [(torch.randn(c + n, heads, dqk), torch.randn(c + n, heads, dqk), torch.randn(c + n, heads, dv))
+            for c, n in zip(context, new)]
+    q = torch.cat([qf[c:] for (qf, _, _), c in zip(full, context)])
+    k_new = torch.cat([kf[c:] for (_, kf, _), c in zip(full, context)])
+    v_new = torch.cat([vf[c:] for (_, _, vf), c in zip(full, context)])
+    backend = LatentPrefillBackend(num_heads=heads, scale=0.25, kv_lora_rank=0, qk_nope_head_dim=0,
+                                   qk_rope_head_dim=0, v_head_dim=dv, vllm_config=None)
+    q_starts = torch.tensor([0] + list(torch.tensor(new).cumsum(0)))
+    backend.prepare_metadata(SimpleNamespace(query_start_loc=q_starts))
+    suffix, suffix_lse = backend.run_prefill_new_tokens(q, k_new, v_new, return_softmax_lse=True)
+
+    prefix = prefix_lse = None
+    for lo, hi in [(0, 20), (20, 64)]:  # context tokens [lo, hi) of every request in this chunk
+        spans = [(min(lo, c), min(hi, c)) for c in context]
+        k_ctx = torch.cat([kf[a:b] for (_, kf, _), (a, b) in zip(full, spans)])
+        v_ctx = torch.cat([vf[a:b] for (_, _, vf), (a, b) in zip(full, spans)])
+        kv_starts = torch.tensor([0] + list(torch.tensor([b - a for a, b in spans]).cumsum(0)))
+        chunk = SimpleNamespace(query_start_loc=q_starts, cu_seq_lens=kv_starts)
+        part, part_lse = backend.run_prefill_context_chunk(chunk, q, k_ctx, v_ctx)
+        if prefix is None:
+            prefix, prefix_lse = part, part_lse
+        else:
+            merged, merged_lse = torch.empty_like(part), torch.empty_like(part_lse)
+            merge_attn_states(merged, prefix, prefix_lse, part, part_lse, output_lse=merged_lse)
+            prefix, prefix_lse = merged, merged_lse
+    got = torch.empty_like(suffix)
+    merge_attn_states(got, prefix, prefix_lse, suffix, suffix_lse)
+
+    begin = 0
+    for (qf, kf, vf), c, n in zip(full, context, new):
+        mask = torch.ones(n, c + n, dtype=torch.bool).tril(c)
+        want = F.scaled_dot_product_attention(qf[c:].transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1),
+                                              attn_mask=mask, scale=0.25).transpose(0, 1)
+        assert (got[begin:begin + n] - want).abs().max().item() < 1e-5
+        begin += n

@@ -8,7 +8,8 @@ supplies:
 * decode (`forward_mqa`): absorbed attention over the paged latent cache, vectorized over the batch
   with torch (gather the blocks of every sequence, one masked softmax), no per-token Python loops;
 * prefill (`LatentPrefillBackend`): per-request causal attention over the expanded K/V (chunked
-  matmuls on CPU, faster there than torch's SDPA; SDPA elsewhere);
+  matmuls on CPU, faster there than torch's SDPA; SDPA elsewhere), and attention over chunks of cached
+  context with its log-sum-exp, so chunked prefill and prefix caching work;
 * metadata that accepts any head size.
 
 It is handed to `MLAAttention(attn_backend=...)` by our model classes, so vLLM's global backend
@@ -230,38 +231,60 @@ PREFILL_SCORE_BYTES = 32 * 2**20  # the score block of one query chunk, at most
 PREFILL_ROWS = 128  # query rows per chunk: fewer waste matmul speed, more waste the causal half's work
 
 
-def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of one request, q/k [H, T, d_qk], v [H, T, d_v] -> [H, T, d_v], on CPU.
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True,
+                      return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one request, q [H, Tq, d_qk], k [H, Tk, d_qk], v [H, Tk, d_v] -> out [H, Tq, d_v]
+    (and lse [H, Tq], the log-sum-exp of each row's scaled scores, when asked), on CPU.
 
-    Query rows go in chunks; a chunk attends to the keys up to its last row only (the causal half is
-    never computed but for the chunk's own diagonal block) with two batched matmuls around torch's
+    Causal: the queries are the last Tq of the Tk positions (query i sees keys 0 .. Tk - Tq + i), as for
+    new tokens (Tk = Tq); not causal: every query sees every key, as for a chunk of cached context.
+    Query rows go in chunks; a causal chunk attends to the keys up to its last row only (the masked half
+    is never computed but for the chunk's own diagonal block) with two batched matmuls around torch's
     fused softmax, in place in a reused score workspace. On this project's CPU it runs 3-4x faster
     than torch's CPU SDPA kernel (benchmarks/speed/prefill_step.py); 16-bit inputs are computed in fp32
     where the CPU has no native 16-bit matmul."""
-    heads, tokens, _ = q.shape
+    heads, queries, _ = q.shape
+    keys = k.shape[1]
+    offset = keys - queries if causal else 0  # key index of query 0's own position
+    assert offset >= 0, "causal attention needs at least as many keys as queries"
     compute = compute_dtype(q.dtype, q.device)
     q, k, v = (q * scale).to(compute), k.to(compute), v.to(compute)
-    key_t = k.transpose(1, 2)  # [H, d_qk, T]
-    out = torch.empty(heads, tokens, v.shape[-1], dtype=compute, device=q.device)
+    key_t = k.transpose(1, 2)  # [H, d_qk, Tk]
+    out = torch.empty(heads, queries, v.shape[-1], dtype=compute, device=q.device)
+    lse = torch.empty(heads, queries, dtype=torch.float32, device=q.device) if return_lse else None
+    if keys == 0:  # a request with no context in this chunk: no weight in the merge
+        out.zero_()
+        return (out, lse.fill_(float("-inf"))) if return_lse else out
     # 128 rows: the chunk's diagonal block wastes little (6% of the work at T = 2K) and the matmuls
     # keep their speed (benchmarks/speed/prefill_step.py); fewer rows when the score block gets large
-    rows = max(16, min(PREFILL_ROWS, PREFILL_SCORE_BYTES // (heads * tokens * compute.itemsize)))
-    for start in range(0, tokens, rows):
-        end = min(tokens, start + rows)
-        scores = _workspace("scores", heads * (end - start) * end, compute, q.device).view(heads, end - start, end)
-        torch.bmm(q[:, start:end], key_t[:, :, :end], out=scores)
-        future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
-        scores[:, :, start:end].masked_fill_(future, float("-inf"))
+    rows = max(16, min(PREFILL_ROWS, PREFILL_SCORE_BYTES // (heads * keys * compute.itemsize)))
+    for start in range(0, queries, rows):
+        end = min(queries, start + rows)
+        seen = offset + end if causal else keys  # keys the chunk's last row sees
+        scores = _workspace("scores", heads * (end - start) * seen, compute, q.device).view(heads, end - start, seen)
+        torch.bmm(q[:, start:end], key_t[:, :, :seen], out=scores)
+        if causal:
+            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
+            scores[:, :, offset + start:seen].masked_fill_(future, float("-inf"))
+        if lse is not None:  # before the softmax overwrites the scores
+            lse[:, start:end] = torch.logsumexp(scores, dim=-1)
         # one pass per row (max, exp and sum, scale) where max/sub/exp/sum/div each swept the whole block;
         # every row keeps its diagonal entry, so none is all -inf
         torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-        torch.bmm(scores, v[:, :end], out=out[:, start:end])
-    return out
+        torch.bmm(scores, v[:, :seen], out=out[:, start:end])
+    return (out, lse) if return_lse else out
+
+
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of one request's new tokens, q/k [H, T, d_qk], v [H, T, d_v] -> [H, T, d_v]."""
+    return chunked_attention(q, k, v, scale, causal=True)
 
 
 class LatentPrefillBackend(MLAPrefillBackend):
-    """Prefill over the expanded per-head K/V: causal attention per request (chunked matmuls on CPU,
-    SDPA elsewhere)."""
+    """Prefill over the expanded per-head K/V, request by request: causal attention of the new tokens,
+    and (chunked prefill, prefix caching) attention of the new tokens over chunks of their cached context,
+    with the log-sum-exp vLLM merges the two parts by. Chunked matmuls on CPU (`chunked_attention`);
+    elsewhere SDPA, or the same torch code where a log-sum-exp is needed."""
 
     @staticmethod
     def get_name() -> str:
@@ -275,16 +298,39 @@ class LatentPrefillBackend(MLAPrefillBackend):
         return True
 
     def run_prefill_new_tokens(self, q, k, v, return_softmax_lse, out=None, output_scale=None):
-        assert output_scale is None and not return_softmax_lse, "chunked-context prefill is not supported"
+        """q/k [T, H, d_qk], v [T, H, d_v] of every prefill's new tokens -> out [T, H, d_v] (and lse [H, T])."""
+        assert output_scale is None, "fused FP8 output is not supported by the transmla prefill"
         starts = self._prefill_metadata.query_start_loc.tolist()
-        result = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-        attend = chunked_causal_attention if q.device.type == "cpu" else _sdpa_causal
-        for begin, end in zip(starts[:-1], starts[1:]):
-            # [T, H, d] -> [H, T, d]
-            attn = attend(q[begin:end].transpose(0, 1), k[begin:end].transpose(0, 1), v[begin:end].transpose(0, 1),
-                          self.scale)
-            result[begin:end] = attn.transpose(0, 1)
-        return result
+        return _ragged_attention(q, k, v, starts, starts, self.scale, causal=True,
+                                 return_lse=return_softmax_lse, out=out)
 
     def run_prefill_context_chunk(self, chunk, q, k, v, out=None):
-        raise NotImplementedError("chunked-context prefill is not supported by the transmla CPU backend")
+        """q [Tq, H, d_qk] of the chunk's requests' new tokens; k [Tc, H, d_qk], v [Tc, H, d_v] of the
+        chunk's slice of their cached context -> out [Tq, H, d_v], lse [H, Tq] (no causal mask: all of
+        the context precedes every new token)."""
+        return _ragged_attention(q, k, v, chunk.query_start_loc.tolist(), chunk.cu_seq_lens.tolist(), self.scale,
+                                 causal=False, return_lse=True, out=out)
+
+
+def _ragged_attention(q, k, v, q_starts: list[int], kv_starts: list[int], scale: float, causal: bool,
+                      return_lse: bool, out: torch.Tensor | None = None):
+    """Per-request attention over ragged (concatenated) tokens: request r's queries q[q_starts[r]:q_starts[r+1]]
+    attend to its keys k[kv_starts[r]:kv_starts[r+1]]. q/k [Tq|Tk, H, d_qk], v [Tk, H, d_v] ->
+    out [Tq, H, d_v] (and lse [H, Tq])."""
+    result = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device) if return_lse else None
+    use_sdpa = q.device.type != "cpu" and causal and not return_lse
+    for r in range(len(q_starts) - 1):
+        qs, ks = slice(q_starts[r], q_starts[r + 1]), slice(kv_starts[r], kv_starts[r + 1])
+        if qs.start == qs.stop:
+            continue
+        # [T, H, d] -> [H, T, d]
+        q_r, k_r, v_r = q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1)
+        if use_sdpa:
+            attn = _sdpa_causal(q_r, k_r, v_r, scale)
+        elif return_lse:
+            attn, lse[:, qs] = chunked_attention(q_r, k_r, v_r, scale, causal=causal, return_lse=True)
+        else:
+            attn = chunked_attention(q_r, k_r, v_r, scale, causal=causal)
+        result[qs] = attn.transpose(0, 1)
+    return (result, lse) if return_lse else result

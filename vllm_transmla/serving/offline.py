@@ -27,6 +27,9 @@ def run(job: dict) -> dict:
                        disable_log_stats=False)
     if job.get("kv_cache_memory_bytes"):
         engine_args["kv_cache_memory_bytes"] = job["kv_cache_memory_bytes"]
+    for key in ("enable_chunked_prefill", "enable_prefix_caching", "max_num_batched_tokens"):
+        if key in job:  # else vLLM's defaults
+            engine_args[key] = job[key]
     llm = LLM(**engine_args)
     params = SamplingParams(max_tokens=job.get("max_tokens", 32), temperature=0.0, ignore_eos=True,
                             logprobs=job.get("logprobs", 5))
@@ -44,7 +47,12 @@ def run(job: dict) -> dict:
     engine = llm.llm_engine
     model_config = engine.vllm_config.model_config
     cache_config = engine.vllm_config.cache_config
+    scheduler_config = engine.vllm_config.scheduler_config
     result.update(
+        enable_chunked_prefill=bool(scheduler_config.enable_chunked_prefill),
+        enable_prefix_caching=bool(cache_config.enable_prefix_caching),
+        max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
+        prefix_cache_hits=_counter(llm, "vllm:prefix_cache_hits"),
         use_mla=bool(model_config.use_mla),
         head_size=model_config.get_head_size(),
         num_kv_heads=model_config.get_num_kv_heads(engine.vllm_config.parallel_config),
@@ -64,7 +72,12 @@ def _completions(outs) -> list[dict]:
 
 def _num_preemptions(llm) -> int:
     """Requests preempted (KV cache ran out) during the job, from vLLM's own metrics."""
-    return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
+    return _counter(llm, "vllm:num_preemptions")
+
+
+def _counter(llm, name: str) -> int:
+    """One of vLLM's own counters, summed over its label sets."""
+    return int(sum(m.value for m in llm.get_metrics() if m.name == name))
 
 
 def run_in_subprocess(job: dict, env: dict | None = None, timeout: float = 900) -> dict:

@@ -24,6 +24,42 @@ def register_vllm() -> None:
     for spec in families().values():
         convertors.MODEL_ARCH_CONFIG_CONVERTORS[spec.target_model_type] = TransMLAArchConfigConvertor
     install_checkpoint_check()
+    keep_chunked_prefill_on_cpu()
+
+
+def keep_chunked_prefill_on_cpu() -> None:
+    """Give our models on CPU the chunked prefill and prefix caching vLLM gives every other model there.
+
+    vLLM's CPU platform turns both off for every MLA model, because its stock CPU MLA path lacks the
+    attention over cached context they need. Our backend has it (`LatentPrefillBackend.run_prefill_context_chunk`),
+    so for our architectures the settings the user (or vLLM's defaults) chose before the platform's
+    override are put back. Wraps the platform's `check_and_update_config` once; other models pass
+    straight through."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    platform_cls = type(current_platform)
+    original = platform_cls.check_and_update_config  # bound to the class
+    if getattr(original, "_transmla_chunked_prefill", False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        asked = (scheduler.enable_chunked_prefill, scheduler.max_num_batched_tokens, cache.enable_prefix_caching)
+        original(vllm_config)
+        if _serves_with_our_backend(vllm_config.model_config):
+            scheduler.enable_chunked_prefill, scheduler.max_num_batched_tokens, cache.enable_prefix_caching = asked
+
+    check_and_update_config._transmla_chunked_prefill = True
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _serves_with_our_backend(model_config) -> bool:
+    """Whether vLLM will build this model from our model classes (which always use our MLA backend)."""
+    if model_config is None:
+        return False
+    return bool(set(model_config.architectures or []) & set(target_architectures()))
 
 
 def install_checkpoint_check() -> None:
