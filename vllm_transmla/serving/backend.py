@@ -275,11 +275,6 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return (out, lse) if return_lse else out
 
 
-def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of one request's new tokens, q/k [H, T, d_qk], v [H, T, d_v] -> [H, T, d_v]."""
-    return chunked_attention(q, k, v, scale, causal=True)
-
-
 class LatentPrefillBackend(MLAPrefillBackend):
     """Prefill over the expanded per-head K/V, request by request: causal attention of the new tokens,
     and (chunked prefill, prefix caching) attention of the new tokens over chunks of their cached context,
