@@ -83,8 +83,7 @@ def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -
     # On a CPU, vLLM's default front-end process (detokenizing, polling) competes for the cores the
     # engine's pinned OpenMP threads run on: on 2 cores it cut batch-8 decode from 170 to 95 tok/s.
     # Both models run the same way; --engine-process separate keeps vLLM's default.
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if args.engine_process == "inline" else None
-    result = run_in_subprocess(job, env=env, timeout=3600)
+    result = run_in_subprocess(job, timeout=3600, engine_process=args.engine_process)
     tokens = sum(len(o["token_ids"]) for o in result["outputs"])
     return {"output_tokens": tokens, "seconds": round(result["generate_seconds"], 3),
             "output_tokens_per_s": round(tokens / result["generate_seconds"], 2),

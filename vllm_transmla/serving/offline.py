@@ -80,13 +80,25 @@ def _counter(llm, name: str) -> int:
     return int(sum(m.value for m in llm.get_metrics() if m.name == name))
 
 
-def run_in_subprocess(job: dict, env: dict | None = None, timeout: float = 900) -> dict:
-    """Run `job` in a fresh Python process and return its result; raises with the engine's log tail."""
+def run_in_subprocess(job: dict, env: dict | None = None, timeout: float = 900,
+                      engine_process: str = "inline") -> dict:
+    """Run `job` in a fresh Python process and return its result; raises with the engine's log tail.
+
+    engine_process "inline" runs vLLM's engine core inside that process (VLLM_ENABLE_V1_MULTIPROCESSING=0);
+    "separate" keeps vLLM's default of a process of its own. On a small CPU the separate process imports
+    vLLM a second time and competes with the front end's polling: a tiny-model job took 39 s there against
+    16 s inline. `vllm serve` always runs it separately (tests/test_vllm_server.py covers that path).
+    """
+    if engine_process not in ("inline", "separate"):
+        raise ValueError(f"engine_process must be 'inline' or 'separate', not {engine_process!r}")
+    base = dict(os.environ)
+    if engine_process == "inline":
+        base["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-m", "vllm_transmla.serving.offline", str(job_path), str(out_path)],
-                              env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+                              env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"vLLM job failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         return json.loads(out_path.read_text())
