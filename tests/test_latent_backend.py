@@ -181,15 +181,27 @@ def test_mixed_batch_matches_sdpa(heads):
         begin += n
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_prefill_matches_sdpa(dtype, monkeypatch):
-    """The CPU prefill in query chunks of 16 rows (sequences of 1 to 7 chunks, a partial last one) equals
-    fp32 causal SDPA per request; bf16 inputs to bf16 rounding."""
-    from vllm_transmla.serving import backend
+def _choose_prefill_path(path: str, monkeypatch) -> None:
+    """"fused": the C kernel (48-row query blocks, 32-key tiles); "torch": query chunks of 16 rows."""
+    from vllm_transmla.serving import backend, cpu_kernel
 
+    if path == "fused":
+        if not cpu_kernel.available():
+            pytest.skip("the fused CPU kernel needs x86-64 with AVX2 and a C compiler")
+        return
+    monkeypatch.setattr(backend, "USE_CPU_KERNEL", False)
     monkeypatch.setattr(backend, "PREFILL_SCORE_BYTES", 0)
+
+
+@pytest.mark.parametrize("path", ["fused", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_prefill_matches_sdpa(dtype, path, monkeypatch):
+    """The CPU prefill equals fp32 causal SDPA per request (sequences of 1 to 130 tokens: 1-3 query blocks
+    of the kernel and 1-9 chunks of the torch path, partial last ones, partial key tiles); bf16 inputs to
+    bf16 rounding."""
+    _choose_prefill_path(path, monkeypatch)
     torch.manual_seed(3)
-    lengths, heads = [1, 16, 17, 100], 4
+    lengths, heads = [1, 16, 17, 100, 130], 4
     q, k = torch.randn(sum(lengths), heads, 24), torch.randn(sum(lengths), heads, 24)
     v = torch.randn(sum(lengths), heads, 8)
     got = _prefill(q.to(dtype), k.to(dtype), v.to(dtype), lengths, 0.3)
@@ -232,16 +244,19 @@ def test_triton_decode_path_interpreted():
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("path", ["fused", "torch"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_log_sum_exp_matches_reference(causal, monkeypatch):
+@pytest.mark.parametrize("shape", [(3, 37, 90, 24, 8), (2, 100, 161, 128, 64)])
+def test_attention_log_sum_exp_matches_reference(causal, path, shape, monkeypatch):
     """`chunked_attention`'s lse is log sum exp of each row's scaled, masked scores (what vLLM's merge of
-    context and new-token partials needs), in query chunks of 16 rows, with fewer queries than keys."""
+    context and new-token partials needs), with fewer queries than keys, at a small and a converted
+    model's head size (d_qk 128, d_v 64), on the fused kernel and the torch path."""
     from vllm_transmla.serving import backend
 
-    monkeypatch.setattr(backend, "PREFILL_SCORE_BYTES", 0)
+    _choose_prefill_path(path, monkeypatch)
     torch.manual_seed(5)
-    heads, queries, keys = 3, 37, 90
-    q, k, v = torch.randn(heads, queries, 24), torch.randn(heads, keys, 24), torch.randn(heads, keys, 8)
+    heads, queries, keys, dqk, dv = shape
+    q, k, v = torch.randn(heads, queries, dqk), torch.randn(heads, keys, dqk), torch.randn(heads, keys, dv)
     out, lse = backend.chunked_attention(q, k, v, 0.3, causal=causal, return_lse=True)
     scores = q @ k.transpose(1, 2) * 0.3
     if causal:  # the queries are the last 37 positions
@@ -250,13 +265,15 @@ def test_attention_log_sum_exp_matches_reference(causal, monkeypatch):
     assert (out - torch.softmax(scores, -1) @ v).abs().max().item() < 1e-5
 
 
-def test_context_chunks_merged_with_new_tokens_equal_full_causal_attention():
+@pytest.mark.parametrize("path", ["fused", "torch"])
+def test_context_chunks_merged_with_new_tokens_equal_full_causal_attention(path, monkeypatch):
     """Chunked prefill / prefix caching as vLLM's MLA layer runs it: each request's new tokens attend to its
     cached context in two workspace chunks (`run_prefill_context_chunk`) and to themselves
     (`run_prefill_new_tokens`), and vLLM's `merge_attn_states` folds the partials by their lse. The result
     equals fp32 causal SDPA over context + new tokens; a request without context passes through."""
     from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
 
+    _choose_prefill_path(path, monkeypatch)
     torch.manual_seed(7)
     heads, dqk, dv = 4, 24, 16
     context, new = [0, 5, 40], [3, 17, 1]

@@ -238,23 +238,28 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
     Causal: the queries are the last Tq of the Tk positions (query i sees keys 0 .. Tk - Tq + i), as for
     new tokens (Tk = Tq); not causal: every query sees every key, as for a chunk of cached context.
-    Query rows go in chunks; a causal chunk attends to the keys up to its last row only (the masked half
-    is never computed but for the chunk's own diagonal block) with two batched matmuls around torch's
-    fused softmax, in place in a reused score workspace. On this project's CPU it runs 3-4x faster
-    than torch's CPU SDPA kernel (benchmarks/speed/prefill_step.py); 16-bit inputs are computed in fp32
-    where the CPU has no native 16-bit matmul."""
+    On x86 CPUs with AVX2 it runs our fused C kernel (`cpu_kernel.fused_prefill_attention`: flash
+    attention over 32-key tiles). The torch path it keeps elsewhere: query rows go in chunks; a causal
+    chunk attends to the keys up to its last row only (the masked half is never computed but for the
+    chunk's own diagonal block) with two batched matmuls around torch's fused softmax, in place in a
+    reused score workspace, 3-4x faster than torch's CPU SDPA kernel here (benchmarks/speed/prefill_step.py).
+    16-bit inputs are computed in fp32 where the CPU has no native 16-bit matmul."""
     heads, queries, _ = q.shape
     keys = k.shape[1]
     offset = keys - queries if causal else 0  # key index of query 0's own position
     assert offset >= 0, "causal attention needs at least as many keys as queries"
     compute = compute_dtype(q.dtype, q.device)
-    q, k, v = (q * scale).to(compute), k.to(compute), v.to(compute)
+    if keys == 0:  # a request with no context in this chunk: no weight in the merge
+        out = torch.zeros(heads, queries, v.shape[-1], dtype=compute, device=q.device)
+        return (out, torch.full((heads, queries), float("-inf"), device=q.device)) if return_lse else out
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    if USE_CPU_KERNEL and cpu_kernel.prefill_supported(q, v):  # fused C kernel: scores never leave L1
+        out, lse = cpu_kernel.fused_prefill_attention(q, k, v, scale, causal, return_lse, _workspace)
+        return (out, lse) if return_lse else out
+    q = q * scale
     key_t = k.transpose(1, 2)  # [H, d_qk, Tk]
     out = torch.empty(heads, queries, v.shape[-1], dtype=compute, device=q.device)
     lse = torch.empty(heads, queries, dtype=torch.float32, device=q.device) if return_lse else None
-    if keys == 0:  # a request with no context in this chunk: no weight in the merge
-        out.zero_()
-        return (out, lse.fill_(float("-inf"))) if return_lse else out
     # 128 rows: the chunk's diagonal block wastes little (6% of the work at T = 2K) and the matmuls
     # keep their speed (benchmarks/speed/prefill_step.py); fewer rows when the score block gets large
     rows = max(16, min(PREFILL_ROWS, PREFILL_SCORE_BYTES // (heads * keys * compute.itemsize)))

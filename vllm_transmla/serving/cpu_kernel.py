@@ -1,5 +1,6 @@
-"""The fused CPU decode kernel (`csrc/latent_decode.c`): built with the system C compiler on first use,
-cached, and called through ctypes.
+"""The fused CPU kernels: absorbed latent decode (`csrc/latent_decode.c`) and prefill attention
+(`csrc/prefill_attention.c`), built with the system C compiler on first use, cached, and called through
+ctypes.
 
 Plain C rather than a torch extension: it compiles in about a second (no torch headers, no ninja), and
 linking `-fopenmp` after torch is loaded binds it to torch's own libgomp, so it runs on the same
@@ -24,7 +25,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "latent_decode.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "latent_decode.c", CSRC / "prefill_attention.c"]
+HEADERS = [CSRC / "tile_ops.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ENV_SWITCH = "VLLM_TRANSMLA_CPU_KERNEL"
@@ -48,17 +51,17 @@ def _cpu_has_avx2() -> bool:
 def _build(compiler: str) -> Path:
     """Compile the kernel once per (source, flags, compiler) into the cache; concurrent builders (tensor
     parallel workers) each write a temporary file and rename it into place."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"latent_decode-{digest}.so"
+    target = cache_dir() / f"transmla_kernels-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -72,13 +75,13 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("transmla: no C compiler found; the latent decode runs on the slower torch path")
+        logger.warning("transmla: no C compiler found; attention runs on the slower torch paths")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        logger.warning("transmla: building the CPU decode kernel failed (%s); using the torch path", detail[-500:])
+        logger.warning("transmla: building the CPU kernels failed (%s); using the torch paths", detail[-500:])
         return None
     return _declare(lib)
 
@@ -94,6 +97,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.latent_decode_workspace_floats.restype = ctypes.c_long
     lib.latent_decode_workspace_floats.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                                    ctypes.c_int, ctypes.c_int]
+    lib.prefill_attention.restype = ctypes.c_int
+    lib.prefill_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+        ctypes.c_int,
+    ]
     return lib
 
 
@@ -129,3 +139,43 @@ def fused_latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     if status != 0:
         raise RuntimeError(f"transmla CPU decode kernel failed with status {status}")
     return out.to(kv_cache.dtype)
+
+
+def prefill_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `fused_prefill_attention` takes these inputs (fp32 on CPU, d_v a multiple of 8)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and v.dtype == torch.float32
+            and v.shape[-1] % 8 == 0 and available())
+
+
+def fused_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                            return_lse: bool, workspace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`backend.chunked_attention` in one fused pass: q [H, Tq, d_qk], k [H, Tk, d_qk], v [H, Tk, d_v]
+    (fp32, any head/token strides) -> out [H, Tq, d_v] and lse [H, Tq] (None unless asked).
+
+    K is copied once, transposed tile by tile, into a workspace [H, Tk / 32 (padded), d_qk, 32]: the
+    kernel's score block reads 32 keys of one dimension as 4 vectors from one contiguous tile."""
+    lib = _library()
+    assert lib is not None, "the CPU kernels are not available here"
+    heads, queries, dqk = q.shape
+    keys, dv = k.shape[1], v.shape[-1]
+    padded = -(-keys // 32) * 32
+    key_t = workspace("kernel_key_t", heads * dqk * padded, torch.float32, q.device).view(heads, padded // 32, dqk, 32)
+    tiles = key_t.transpose(2, 3)  # [H, tiles, 32, d_qk]: the same memory, key-major
+    full, rest = divmod(keys, 32)
+    tiles[:, :full].copy_(k[:, :full * 32].unflatten(1, (full, 32)))
+    if rest:
+        tiles[:, full, :rest].copy_(k[:, full * 32:])
+        tiles[:, full, rest:].zero_()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    out = torch.empty(heads, queries, dv, dtype=torch.float32, device=q.device)
+    lse = torch.empty(heads, queries, dtype=torch.float32, device=q.device) if return_lse else None
+    status = lib.prefill_attention(q.data_ptr(), q.stride(0), q.stride(1), key_t.data_ptr(), key_t.stride(0), padded,
+                                   v.data_ptr(), v.stride(0), v.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
+                                   lse.data_ptr() if lse is not None else None, heads, queries, keys, dqk, dv,
+                                   float(scale), int(causal), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"transmla CPU prefill kernel failed with status {status}")
+    return out, lse

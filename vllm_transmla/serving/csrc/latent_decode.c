@@ -15,70 +15,13 @@
  * Every dot product accumulates in the same order whatever register block computes it, so results do
  * not depend on the number of heads (tensor parallelism) either.
  */
-#include <immintrin.h>
-#include <math.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
-#ifndef TILE
-#define TILE 32 /* tokens converted and multiplied together */
-#endif
+#include "tile_ops.h"
 #ifndef SPLIT
 #define SPLIT 512 /* tokens of one work item (flash-decoding split) */
 #endif
-
-static inline float hsum(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
-/* exp for x <= 0 (Cephes polynomial, ~1 ulp); -inf and anything below -87 give ~0. */
-static inline __m256 exp_ps(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-/* One cached row (width values of dtype) -> fp32 dst, zero-padded to padded (a multiple of 8). */
-static inline void load_row(const void *src, int dtype, int width, int padded, float *dst) {
-    int i = 0;
-    if (dtype == DT_F32) {
-        memcpy(dst, src, (size_t)width * 4);
-        i = width;
-    } else if (dtype == DT_BF16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (; i + 8 <= width; i += 8) {
-            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
-            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-        }
-        for (; i < width; i++) {
-            uint32_t bits = (uint32_t)s[i] << 16;
-            memcpy(dst + i, &bits, 4);
-        }
-    } else {
-        const uint16_t *s = (const uint16_t *)src;
-        for (; i + 8 <= width; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
-        for (; i < width; i++) dst[i] = _cvtsh_ss(s[i]);
-    }
-    for (; i < padded; i++) dst[i] = 0.0f;
-}
 
 /* scores[i][j] = q[i] . c[j] for NH heads x NT tokens over wp dims (multiple of 8). */
 #define DEFINE_QK(NH, NT)                                                                              \
@@ -101,29 +44,6 @@ DEFINE_QK(4, 3)
 DEFINE_QK(4, 1)
 DEFINE_QK(1, 1)
 
-/* acc[i][d0 : d0 + 8 NV] += sum_t p[i][t] c[t][d0 : d0 + 8 NV] for NH heads, in token order. */
-#define DEFINE_PV(NH, NV)                                                                                    \
-    static inline void pv_##NH##x##NV(const float *p, int pstride, const float *c, int cstride, int ntok, \
-                                      float *acc, int astride) {                                           \
-        __m256 a[NH][NV];                                                                                    \
-        for (int i = 0; i < NH; i++)                                                                         \
-            for (int j = 0; j < NV; j++) a[i][j] = _mm256_loadu_ps(acc + (size_t)i * astride + 8 * j);       \
-        for (int t = 0; t < ntok; t++) {                                                                     \
-            __m256 cv[NV];                                                                                   \
-            for (int j = 0; j < NV; j++) cv[j] = _mm256_loadu_ps(c + (size_t)t * cstride + 8 * j);           \
-            for (int i = 0; i < NH; i++) {                                                                   \
-                __m256 pv = _mm256_broadcast_ss(p + (size_t)i * pstride + t);                                \
-                for (int j = 0; j < NV; j++) a[i][j] = _mm256_fmadd_ps(pv, cv[j], a[i][j]);                  \
-            }                                                                                                \
-        }                                                                                                    \
-        for (int i = 0; i < NH; i++)                                                                         \
-            for (int j = 0; j < NV; j++) _mm256_storeu_ps(acc + (size_t)i * astride + 8 * j, a[i][j]);       \
-    }
-DEFINE_PV(4, 3)
-DEFINE_PV(4, 1)
-DEFINE_PV(1, 3)
-DEFINE_PV(1, 1)
-
 /* scores [heads][TILE] of one tile. */
 static void tile_scores(const float *q, int heads, const float *tile, int ntok, int wp, float *scores) {
     int h = 0;
@@ -134,52 +54,6 @@ static void tile_scores(const float *q, int heads, const float *tile, int ntok, 
     }
     for (; h < heads; h++)
         for (int t = 0; t < ntok; t++) qk_1x1(q + (size_t)h * wp, tile + (size_t)t * wp, wp, scores + h * TILE + t, TILE);
-}
-
-/* acc [heads][rp] += probs [heads][TILE] @ tile[:, :rp] (rp a multiple of 8). */
-static void tile_values(const float *probs, int heads, const float *tile, int ntok, int wp, float *acc, int rp) {
-    int d = 0;
-    for (; d + 24 <= rp; d += 24) {
-        int h = 0;
-        for (; h + 4 <= heads; h += 4) pv_4x3(probs + h * TILE, TILE, tile + d, wp, ntok, acc + (size_t)h * rp + d, rp);
-        for (; h < heads; h++) pv_1x3(probs + h * TILE, TILE, tile + d, wp, ntok, acc + (size_t)h * rp + d, rp);
-    }
-    for (; d < rp; d += 8) {
-        int h = 0;
-        for (; h + 4 <= heads; h += 4) pv_4x1(probs + h * TILE, TILE, tile + d, wp, ntok, acc + (size_t)h * rp + d, rp);
-        for (; h < heads; h++) pv_1x1(probs + h * TILE, TILE, tile + d, wp, ntok, acc + (size_t)h * rp + d, rp);
-    }
-}
-
-/* Online softmax of one tile: scores -> probs in place, running max/sum updated, acc rescaled. */
-static void tile_softmax(float *scores, int heads, int ntok, float *run_max, float *run_sum, float *acc, int rp) {
-    for (int h = 0; h < heads; h++) {
-        float *s = scores + h * TILE;
-        for (int t = ntok; t < TILE; t++) s[t] = -INFINITY;  /* pad lanes give exp = 0 */
-        __m256 m = _mm256_set1_ps(-INFINITY);
-        for (int t = 0; t < TILE; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float tile_max = _mm_cvtss_f32(m4);
-        float new_max = run_max[h] > tile_max ? run_max[h] : tile_max;
-        __m256 nm = _mm256_set1_ps(new_max), total = _mm256_setzero_ps();
-        for (int t = 0; t < TILE; t += 8) {
-            __m256 v = _mm256_loadu_ps(s + t), real = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_GT_OQ);
-            __m256 e = _mm256_and_ps(real, exp_ps(_mm256_sub_ps(v, nm)));
-            _mm256_storeu_ps(s + t, e);
-            total = _mm256_add_ps(total, e);
-        }
-        if (new_max != run_max[h]) {
-            float alpha = run_max[h] == -INFINITY ? 0.0f : expf(run_max[h] - new_max);
-            __m256 av = _mm256_set1_ps(alpha);
-            float *a = acc + (size_t)h * rp;
-            for (int d = 0; d < rp; d += 8) _mm256_storeu_ps(a + d, _mm256_mul_ps(av, _mm256_loadu_ps(a + d)));
-            run_sum[h] *= alpha;
-            run_max[h] = new_max;
-        }
-        run_sum[h] += hsum(total);
-    }
 }
 
 /* Floats of workspace the caller provides: per item partials, then per thread tile buffers. */
