@@ -183,14 +183,11 @@ def test_mixed_batch_matches_sdpa(heads):
 
 def _choose_prefill_path(path: str, monkeypatch) -> None:
     """"fused": the C kernel (48-row query blocks, 32-key tiles); "torch": query chunks of 16 rows."""
-    from vllm_transmla.serving import backend, cpu_kernel
+    from vllm_transmla.serving import backend
 
-    if path == "fused":
-        if not cpu_kernel.available():
-            pytest.skip("the fused CPU kernel needs x86-64 with AVX2 and a C compiler")
-        return
-    monkeypatch.setattr(backend, "USE_CPU_KERNEL", False)
-    monkeypatch.setattr(backend, "PREFILL_SCORE_BYTES", 0)
+    _choose_path(path, monkeypatch)
+    if path == "torch":
+        monkeypatch.setattr(backend, "PREFILL_SCORE_BYTES", 0)
 
 
 @pytest.mark.parametrize("path", ["fused", "torch"])

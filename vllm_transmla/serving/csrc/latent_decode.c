@@ -16,9 +16,38 @@
  * not depend on the number of heads (tensor parallelism) either.
  */
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "tile_ops.h"
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+/* One cached row (width values of dtype) -> fp32 dst, zero-padded to padded (a multiple of 8). */
+static inline void load_row(const void *src, int dtype, int width, int padded, float *dst) {
+    int i = 0;
+    if (dtype == DT_F32) {
+        memcpy(dst, src, (size_t)width * 4);
+        i = width;
+    } else if (dtype == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (; i + 8 <= width; i += 8) {
+            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+        }
+        for (; i < width; i++) {
+            uint32_t bits = (uint32_t)s[i] << 16;
+            memcpy(dst + i, &bits, 4);
+        }
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        for (; i + 8 <= width; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+        for (; i < width; i++) dst[i] = _cvtsh_ss(s[i]);
+    }
+    for (; i < padded; i++) dst[i] = 0.0f;
+}
 #ifndef SPLIT
 #define SPLIT 512 /* tokens of one work item (flash-decoding split) */
 #endif
@@ -54,6 +83,21 @@ static void tile_scores(const float *q, int heads, const float *tile, int ntok, 
     }
     for (; h < heads; h++)
         for (int t = 0; t < ntok; t++) qk_1x1(q + (size_t)h * wp, tile + (size_t)t * wp, wp, scores + h * TILE + t, TILE);
+}
+
+/* acc [rows][rp] += probs [rows][TILE] @ vals[:ntok, :rp] (vals rows vstride floats apart, rp a multiple of 8). */
+static void tile_values(const float *probs, int rows, const float *vals, int ntok, int vstride, float *acc, int rp) {
+    int d = 0;
+    for (; d + 24 <= rp; d += 24) {
+        int h = 0;
+        for (; h + 4 <= rows; h += 4) pv_4x3(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
+        for (; h < rows; h++) pv_1x3(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
+    }
+    for (; d < rp; d += 8) {
+        int h = 0;
+        for (; h + 4 <= rows; h += 4) pv_4x1(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
+        for (; h < rows; h++) pv_1x1(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
+    }
 }
 
 /* Floats of workspace the caller provides: per item partials, then per thread tile buffers. */

@@ -8,15 +8,16 @@
  * Why a kernel: in torch the prefill writes a score block (16 heads x 128 query rows x Tk keys, 32 MB at
  * 4K tokens), soft-maxes it in place and multiplies it by V: two passes through memory per block, which
  * held it to 45-55% of the matmul peak (benchmarks/speed/prefill_step.py). Here a block of QB query rows
- * walks the keys TILE at a time: scores of 3 rows x 32 keys are built in 12 registers from the
- * pre-transposed keys, packed tile by tile (a contiguous 16 KB block per tile at d_qk 128: a row stride
- * of Tk floats put every row of the tile in the same cache sets and ran 5x slower; no horizontal sums), stay in L1, are soft-maxed online (flash attention) and
- * multiplied into the rows' L1-resident accumulators. Work items are (head, query block) on torch's own
+ * walks the keys TILE at a time: scores of 3 rows x 32 keys are built in 12 registers (no horizontal
+ * sums) from the pre-transposed keys, packed tile by tile (a contiguous 16 KB block per tile at d_qk 128:
+ * a row stride of Tk floats put every row of a tile in the same cache sets and ran 5x slower), stay in
+ * L1, are soft-maxed online (flash attention) and multiplied into the rows' L1-resident accumulators. Work items are (head, query block) on torch's own
  * OpenMP threads, largest first; a row's result depends only on its own query and keys, accumulated in a
  * fixed order, so it does not depend on the rest of the batch.
  */
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "tile_ops.h"
 
@@ -51,8 +52,7 @@ static inline void qk_rows3(const float *q, int qstride, const float *kt, int dq
 }
 
 /* The same for one row. */
-static inline void qk_rows1(const float *q, int qstride, const float *kt, int dqk, float *s) {
-    (void)qstride;
+static inline void qk_rows1(const float *q, const float *kt, int dqk, float *s) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int d = 0; d < dqk; d++) {
         const float *kr = kt + (size_t)d * TILE;
@@ -113,8 +113,9 @@ static void block_values(const float *probs, int rows, const float *v, long vstr
 
 /*
  * q [heads][tq][dqk] at strides (q_head, q_tok), unscaled; kt [heads][tkp / TILE][dqk][TILE] = K^T packed
- * by tiles of TILE keys, zero-padded to tkp keys (a multiple of TILE), heads kt_head floats apart; v [heads][tk][dv] at strides (v_head, v_tok), dv a multiple
- * of 8; out [heads][tq][dv] at strides (o_head, o_tok); lse [heads][tq] contiguous, or NULL.
+ * by tiles of TILE keys, zero-padded to tkp keys (a multiple of TILE), heads kt_head floats apart;
+ * v [heads][tk][dv] at strides (v_head, v_tok), dv a multiple of 8; out [heads][tq][dv] at strides
+ * (o_head, o_tok); lse [heads][tq] contiguous, or NULL.
  * Returns 0, or 1 for a shape it does not take, 2 when out of memory.
  */
 int prefill_attention(const float *q, long q_head, long q_tok, const float *kt, long kt_head, int tkp,
@@ -155,11 +156,12 @@ int prefill_attention(const float *q, long q_head, long q_tok, const float *kt, 
                     const float *ktile = kth + (size_t)j0 * dqk; /* tile j0 / TILE: dqk x TILE floats */
                     int i = 0;
                     for (; i + 3 <= rows; i += 3) qk_rows3(qbuf + (size_t)i * dqk, dqk, ktile, dqk, scores + i * TILE);
-                    for (; i < rows; i++) qk_rows1(qbuf + (size_t)i * dqk, dqk, ktile, dqk, scores + i * TILE);
+                    for (; i < rows; i++) qk_rows1(qbuf + (size_t)i * dqk, ktile, dqk, scores + i * TILE);
                     if (causal && j0 + ntok - 1 > offset + r0) /* the diagonal: keys after a row's own position */
-                        for (i = 0; i < rows; i++)
-                            for (int j = offset + r0 + i + 1 - j0; j < ntok; j++)
-                                if (j >= 0) scores[i * TILE + j] = -INFINITY;
+                        for (i = 0; i < rows; i++) {
+                            int first = offset + r0 + i + 1 - j0; /* the row's first future key in the tile */
+                            for (int j = first > 0 ? first : 0; j < ntok; j++) scores[i * TILE + j] = -INFINITY;
+                        }
                     tile_softmax(scores, rows, ntok, run_max, run_sum, acc, dv);
                     block_values(scores, rows, vh + (long)j0 * v_tok, v_tok, ntok, acc, dv);
                 }

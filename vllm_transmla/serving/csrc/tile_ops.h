@@ -1,19 +1,16 @@
 /*
  * SIMD pieces shared by the CPU kernels (AVX2 + FMA): a horizontal sum, exp, the probs @ values register
  * blocks, and the online softmax of a tile of TILE scores per row (flash attention's running max/sum).
+ * What only one kernel uses stays in its own file.
  */
 #ifndef TRANSMLA_TILE_OPS_H
 #define TRANSMLA_TILE_OPS_H
 #include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
 
 #ifndef TILE
 #define TILE 32 /* keys whose scores are computed, soft-maxed and multiplied together */
 #endif
-
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -40,31 +37,6 @@ static inline __m256 exp_ps(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* One cached row (width values of dtype) -> fp32 dst, zero-padded to padded (a multiple of 8). */
-static inline void load_row(const void *src, int dtype, int width, int padded, float *dst) {
-    int i = 0;
-    if (dtype == DT_F32) {
-        memcpy(dst, src, (size_t)width * 4);
-        i = width;
-    } else if (dtype == DT_BF16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (; i + 8 <= width; i += 8) {
-            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
-            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-        }
-        for (; i < width; i++) {
-            uint32_t bits = (uint32_t)s[i] << 16;
-            memcpy(dst + i, &bits, 4);
-        }
-    } else {
-        const uint16_t *s = (const uint16_t *)src;
-        for (; i + 8 <= width; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
-        for (; i < width; i++) dst[i] = _cvtsh_ss(s[i]);
-    }
-    for (; i < padded; i++) dst[i] = 0.0f;
-}
-
 /* acc[i][d0 : d0 + 8 NV] += sum_t p[i][t] c[t][d0 : d0 + 8 NV] for NH heads, in token order. */
 #define DEFINE_PV(NH, NV)                                                                                    \
     static inline void pv_##NH##x##NV(const float *p, int pstride, const float *c, int cstride, int ntok, \
@@ -87,21 +59,6 @@ DEFINE_PV(4, 3)
 DEFINE_PV(4, 1)
 DEFINE_PV(1, 3)
 DEFINE_PV(1, 1)
-
-/* acc [rows][rp] += probs [rows][TILE] @ vals[:ntok, :rp] (vals rows vstride floats apart, rp a multiple of 8). */
-static inline void tile_values(const float *probs, int rows, const float *vals, int ntok, int vstride, float *acc, int rp) {
-    int d = 0;
-    for (; d + 24 <= rp; d += 24) {
-        int h = 0;
-        for (; h + 4 <= rows; h += 4) pv_4x3(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
-        for (; h < rows; h++) pv_1x3(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
-    }
-    for (; d < rp; d += 8) {
-        int h = 0;
-        for (; h + 4 <= rows; h += 4) pv_4x1(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
-        for (; h < rows; h++) pv_1x1(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
-    }
-}
 
 /* Online softmax of one tile for `heads` rows: scores [rows][TILE] -> probs in place, running max/sum
  * updated, acc [rows][rp] rescaled; lanes from ntok on count as -inf. */
