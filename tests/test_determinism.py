@@ -55,7 +55,9 @@ def test_alone_equals_in_a_batch_of_16(alone_and_batched):
 def test_chunked_prefill_and_prefix_cache_equal_alone(model, batch, alone_and_batched):
     """Chunked prefill (32 tokens a step, so prompts of up to 78 tokens go in 1-3 chunks) and prefix caching
     (the batch reuses the blocks its solo runs cached) on our backend: every new token then attends to
-    cached context through `run_prefill_context_chunk` and vLLM's lse merge. Tokens equal the plain run's."""
+    cached context through `run_prefill_context_chunk` and vLLM's lse merge, and the 1-16 tokens left after
+    a prefix-cache hit go through the absorbed decode path as multi-token queries (`per_token_rows`: a
+    non-causal mask there changes these tokens). Tokens equal the plain run's."""
     result = run_vllm({"model": str(model), "prompts": batch, "max_tokens": MAX_TOKENS, "solo": list(range(16)),
                        "kv_cache_memory_bytes": 4_000_000, "max_num_batched_tokens": 32})
     # vLLM's CPU platform turns both off for MLA models; the plugin gives them back to ours

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_transmla.serving.backend import LatentPrefillBackend, paged_latent_decode
+from vllm_transmla.serving.backend import LatentPrefillBackend, paged_latent_decode, per_token_rows
 
 BLOCK = 16
 
@@ -129,6 +129,29 @@ def test_fused_kernel_can_be_switched_off(monkeypatch):
     finally:
         monkeypatch.delenv(cpu_kernel.ENV_SWITCH)
         cpu_kernel._library.cache_clear()
+
+
+@pytest.mark.parametrize("path", DECODE_PATHS)
+def test_multi_token_decode_is_causal_attention(path, monkeypatch):
+    """Requests with several new tokens in the decode path (short extends, speculative tokens): token i of
+    a request's n new tokens (all in the cache) attends to the cached tokens up to itself; equal to fp32
+    causal SDPA over each request's latents. Query lengths 1-16 in one batch, as vLLM orders them."""
+    _choose_path(path, monkeypatch)
+    torch.manual_seed(5)
+    heads, rank, rope, scale = 8, 64, 16, 0.15
+    seq_lens, query_lens = [7, 40, 33, 70], [1, 3, 16, 5]
+    latents = [torch.randn(n, rank + rope) for n in seq_lens]
+    cache, table = _paged_cache(latents, num_blocks=30)
+    q = torch.randn(sum(query_lens), heads, rank + rope)
+    starts = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    rows, lens = per_token_rows(starts, table, torch.tensor(seq_lens, dtype=torch.int32), q.shape[0])
+    got = paged_latent_decode(q, cache, rows, lens, scale, rank)
+    for r, (lat, n) in enumerate(zip(latents, query_lens)):
+        k, v = lat.expand(heads, -1, -1), lat[:, :rank].expand(heads, -1, -1)
+        mask = torch.ones(n, lat.shape[0], dtype=torch.bool).tril(lat.shape[0] - n)
+        want = F.scaled_dot_product_attention(q[starts[r]:starts[r + 1]].transpose(0, 1), k, v, attn_mask=mask,
+                                              scale=scale).transpose(0, 1)
+        assert (got[starts[r]:starts[r + 1]] - want).abs().max().item() < 1e-5
 
 
 def _prefill(q, k, v, lengths, scale):

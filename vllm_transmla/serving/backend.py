@@ -5,8 +5,10 @@ sizes outside {320, 512, 576}. This backend reuses vLLM's MLA scaffolding (`MLAA
 absorbed decode and expanded prefill; the paged cache, block tables and scheduler are vLLM's) and
 supplies:
 
-* decode (`forward_mqa`): absorbed attention over the paged latent cache, vectorized over the batch
-  with torch (gather the blocks of every sequence, one masked softmax), no per-token Python loops;
+* decode (`forward_mqa`): absorbed attention over the paged latent cache (our fused C kernel on x86
+  CPUs, torch elsewhere on CPU, vLLM's Triton MLA decode on CUDA), for single tokens and for short
+  multi-token queries (short extends after a prefix-cache hit, a chunked prompt's short tail,
+  speculative tokens), which then skip the prefill's up-projection of their whole cached context;
 * prefill (`LatentPrefillBackend`): per-request causal attention over the expanded K/V (chunked
   matmuls on CPU, faster there than torch's SDPA; SDPA elsewhere), and attention over chunks of cached
   context with its log-sum-exp, so chunked prefill and prefix caching work;
@@ -19,6 +21,7 @@ choice for other models is untouched.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.attention.mla_attention import (
     MLACommonBackend,
+    MLACommonDecodeMetadata,
     MLACommonMetadata,
     MLACommonMetadataBuilder,
+    QueryLenSupport,
 )
 from vllm.v1.attention.backend import AttentionLayer, MultipleOf
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
@@ -42,9 +47,32 @@ class LatentMLAMetadata(MLACommonMetadata):
         pass
 
 
+@dataclass
+class LatentMLADecodeMetadata(MLACommonDecodeMetadata):
+    query_start_loc: torch.Tensor | None = None  # [num_decodes + 1]: decode requests' query token offsets
+
+
+# Requests with at most this many new tokens go through the absorbed (decode) path. Per query token
+# and cached token it costs 2 H (2 R + D) FLOPs; the prefill path instead up-projects every cached
+# token through kv_b, 2 R H (d_nope + d_v) FLOPs, whatever the query length: the break-even is
+# R (d_nope + d_v) / (2 R + D) query tokens, 60 for 512 + 64 and heads of 64, 120 for heads of 128.
+# VLLM_TRANSMLA_SHORT_QUERY_TOKENS=1 sends every multi-token query to the prefill path, as vLLM does
+# (benchmarks/speed/prefix_hit.py compares the two).
+SHORT_QUERY_TOKENS = int(os.environ.get("VLLM_TRANSMLA_SHORT_QUERY_TOKENS", "16"))
+
+
 class LatentMLAMetadataBuilder(MLACommonMetadataBuilder[LatentMLAMetadata]):
+    query_len_support: ClassVar[QueryLenSupport] = QueryLenSupport.VARLEN
+    reorder_batch_threshold: int = SHORT_QUERY_TOKENS
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, **kwargs):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, metadata_cls=LatentMLAMetadata, **kwargs)
+
+    def _build_decode(self, block_table_tensor, seq_lens_device, max_seq_len, query_start_loc_cpu,
+                      query_start_loc_device, num_decode_tokens, max_query_len, dcp_tot_seq_lens_device):
+        return LatentMLADecodeMetadata(block_table=block_table_tensor, seq_lens=seq_lens_device,
+                                       dcp_tot_seq_lens=dcp_tot_seq_lens_device,
+                                       query_start_loc=query_start_loc_device)
 
 
 class LatentMLABackend(MLACommonBackend):
@@ -218,9 +246,26 @@ class LatentMLAImpl(CPUMLAImpl):
         assert decode is not None
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)
+        block_table, seq_lens = decode.block_table, decode.seq_lens
+        if q.shape[0] != block_table.shape[0]:  # some requests have several new tokens
+            block_table, seq_lens = per_token_rows(decode.query_start_loc, block_table, seq_lens, q.shape[0])
         decode_fn = triton_latent_decode if q.is_cuda else paged_latent_decode
-        out = decode_fn(q, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens, self.scale, self.kv_lora_rank)
+        out = decode_fn(q, kv_c_and_k_pe_cache, block_table, seq_lens, self.scale, self.kv_lora_rank)
         return out, None
+
+
+def per_token_rows(query_start_loc: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                   num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-token decode as one-token decode: request r's n_r new tokens (already in the cache) become
+    n_r rows that share its blocks, token i seeing the first seq_lens[r] - n_r + 1 + i cached tokens
+    (causal). query_start_loc [R + 1], block_table [R, max_blocks], seq_lens [R] ->
+    block_table [num_tokens, max_blocks], seq_lens [num_tokens]."""
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    request = torch.repeat_interleave(torch.arange(query_lens.shape[0], device=query_lens.device), query_lens,
+                                      output_size=num_tokens)
+    index_in_query = torch.arange(num_tokens, device=query_lens.device) - query_start_loc[request]
+    lens = seq_lens[request] - query_lens[request] + 1 + index_in_query
+    return block_table[request], lens.to(seq_lens.dtype)
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
