@@ -47,11 +47,6 @@ class LatentMLAMetadata(MLACommonMetadata):
         pass
 
 
-@dataclass
-class LatentMLADecodeMetadata(MLACommonDecodeMetadata):
-    query_start_loc: torch.Tensor | None = None  # [num_decodes + 1]: decode requests' query token offsets
-
-
 # Requests with at most this many new tokens go through the absorbed (decode) path. Per query token
 # and cached token it costs 2 H (2 R + D) FLOPs; the prefill path instead up-projects every cached
 # token through kv_b, 2 R H (d_nope + d_v) FLOPs, whatever the query length: the break-even is
@@ -70,9 +65,12 @@ class LatentMLAMetadataBuilder(MLACommonMetadataBuilder[LatentMLAMetadata]):
 
     def _build_decode(self, block_table_tensor, seq_lens_device, max_seq_len, query_start_loc_cpu,
                       query_start_loc_device, num_decode_tokens, max_query_len, dcp_tot_seq_lens_device):
-        return LatentMLADecodeMetadata(block_table=block_table_tensor, seq_lens=seq_lens_device,
-                                       dcp_tot_seq_lens=dcp_tot_seq_lens_device,
-                                       query_start_loc=query_start_loc_device)
+        """One row per decode query token (block table and causal length), once per step for all layers."""
+        if num_decode_tokens != block_table_tensor.shape[0]:  # some requests have several new tokens
+            block_table_tensor, seq_lens_device = per_token_rows(query_start_loc_device, block_table_tensor,
+                                                                 seq_lens_device, num_decode_tokens)
+        return MLACommonDecodeMetadata(block_table=block_table_tensor, seq_lens=seq_lens_device,
+                                       dcp_tot_seq_lens=dcp_tot_seq_lens_device)
 
 
 class LatentMLABackend(MLACommonBackend):
@@ -246,11 +244,9 @@ class LatentMLAImpl(CPUMLAImpl):
         assert decode is not None
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)
-        block_table, seq_lens = decode.block_table, decode.seq_lens
-        if q.shape[0] != block_table.shape[0]:  # some requests have several new tokens
-            block_table, seq_lens = per_token_rows(decode.query_start_loc, block_table, seq_lens, q.shape[0])
         decode_fn = triton_latent_decode if q.is_cuda else paged_latent_decode
-        out = decode_fn(q, kv_c_and_k_pe_cache, block_table, seq_lens, self.scale, self.kv_lora_rank)
+        # one block-table row and length per query token (`LatentMLAMetadataBuilder._build_decode`)
+        out = decode_fn(q, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens, self.scale, self.kv_lora_rank)
         return out, None
 
 
