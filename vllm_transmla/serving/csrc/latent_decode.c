@@ -9,8 +9,9 @@
  * matmul peak (benchmarks/speed/decode_step.py). Here every tile of TILE tokens is converted once into
  * an L2-resident fp32 block, both products run from registers (4 heads x 3 tokens and 4 heads x
  * 24 dims accumulators, 4 x 2 blocks for the remainders), and the softmax is online (flash-decoding)
- * so nothing sequence-sized is written. Work items are (sequence, SPLIT-token range), run on torch's own OpenMP pool; their partial
- * results are merged in a fixed order, so a sequence's output does not depend on the rest of the batch.
+ * so nothing sequence-sized is written. Work items are (sequence, SPLIT-token range), run on torch's
+ * own OpenMP pool; their partial results are merged in a fixed order, so a sequence's output does not
+ * depend on the rest of the batch.
  *
  * Every dot product accumulates in the same order whatever register block computes it, so results do
  * not depend on the number of heads (tensor parallelism) either.
@@ -76,6 +77,8 @@ DEFINE_QK(4, 3)
 DEFINE_QK(4, 2)
 DEFINE_QK(4, 1)
 DEFINE_QK(1, 1)
+DEFINE_PV(4, 2) /* the value remainder blocks only this kernel uses (tile_ops.h has the shared ones) */
+DEFINE_PV(1, 2)
 
 /* scores [heads][TILE] of one tile. */
 static void tile_scores(const float *q, int heads, const float *tile, int ntok, int wp, float *scores) {
@@ -97,7 +100,7 @@ static void tile_scores(const float *q, int heads, const float *tile, int ntok, 
 static void tile_values(const float *probs, int rows, const float *vals, int ntok, int vstride, float *acc, int rp) {
     int d = 0, blocks24 = rp / 24;
     if (rp % 24 == 8 && blocks24 > 0) blocks24--; /* 8 dims left -> 32 = two 16-dim blocks (8 chains, not 4) */
-    for (; d + 24 <= blocks24 * 24; d += 24) {
+    for (; d < blocks24 * 24; d += 24) {
         int h = 0;
         for (; h + 4 <= rows; h += 4) pv_4x3(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);
         for (; h < rows; h++) pv_1x3(probs + h * TILE, TILE, vals + d, vstride, ntok, acc + (size_t)h * rp + d, rp);

@@ -56,10 +56,8 @@ static inline __m256 exp_ps(__m256 x) {
             for (int j = 0; j < NV; j++) _mm256_storeu_ps(acc + (size_t)i * astride + 8 * j, a[i][j]);       \
     }
 DEFINE_PV(4, 3)
-DEFINE_PV(4, 2)
 DEFINE_PV(4, 1)
 DEFINE_PV(1, 3)
-DEFINE_PV(1, 2)
 DEFINE_PV(1, 1)
 
 /* Online softmax of one tile for `heads` rows: scores [rows][TILE] -> probs in place, running max/sum
