@@ -1,5 +1,5 @@
 """A/B of the fused CPU decode kernel: this checkout's `csrc/` against the same files at another git
-revision, both compiled with the plugin's flags and called in turn in one process.
+revision, both compiled with the plugin's compiler and flags and called in turn in one process.
 
 This machine is shared and its speed drifts by tens of percent within minutes, so two separate
 `decode_step.py` runs cannot resolve a kernel change of a few percent; alternating the two builds call
@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(sources: list[Path], out: Path) -> ctypes.CDLL:
-    subprocess.run(["cc", *cpu_kernel.FLAGS, "-o", str(out), *map(str, sources)], check=True)
+    compiler = cpu_kernel.compiler()
+    if compiler is None:
+        raise SystemExit("kernel_ab.py needs a C compiler ($CC, cc or gcc)")
+    subprocess.run([compiler, *cpu_kernel.FLAGS, "-o", str(out), *map(str, sources)], check=True)
     return cpu_kernel._declare(ctypes.CDLL(str(out)))
 
 

@@ -69,16 +69,21 @@ def _build(compiler: str) -> Path:
     return target
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: $CC, else cc, else gcc (None when there is none)."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0" or not _cpu_has_avx2():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler_path = compiler()
+    if compiler_path is None:
         logger.warning("transmla: no C compiler found; attention runs on the slower torch paths")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler_path)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
         logger.warning("transmla: building the CPU kernels failed (%s); using the torch paths", detail[-500:])
