@@ -44,6 +44,11 @@ def sources_at(revision: str, into: Path) -> list[Path]:
     return [into / path.name for path in cpu_kernel.SOURCES]
 
 
+def revision(name: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", name], capture_output=True,
+                          text=True).stdout.strip()
+
+
 def decode(lib: ctypes.CDLL, *args) -> torch.Tensor:
     # fused_latent_decode looks its library up through cpu_kernel._library; point it at this build
     cpu_kernel._library = lambda: lib
@@ -93,8 +98,7 @@ def main() -> None:
                     row["base_over_current"] = round(row["base_ms"] / row["current_ms"], 3)
                     rows.append(row)
                     print(row, flush=True)
-    result = {"base": args.base, "current": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                                           capture_output=True, text=True).stdout.strip(),
+    result = {"base": f"{args.base} ({revision(args.base)})", "current": revision("HEAD"),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "runs": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -68,6 +68,29 @@ def kv_bytes_per_token(path: Path, dtype_bytes: int) -> int:
     return per_token(AutoConfig.from_pretrained(path), dtype_bytes)
 
 
+def machine_state() -> dict:
+    """This machine's speed now: fp32 matmul GFLOP/s and memory read GB/s (best of 3, ~2 s). A shared
+    machine drifts during a long run; the original's (memory-bound) and the converted model's
+    (compute-bound) decode feel different drifts, so each engine run records them before and after."""
+    import time
+
+    import torch
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    big = torch.randn(128 * 2**20 // 4)  # 128 MiB, far above the caches
+    return {"fp32_gflops": round(2 * 1024**3 / best(lambda: a @ b) / 1e9, 1),
+            "read_gb_per_s": round(big.numel() * 4 / best(big.sum) / 1e9, 1)}
+
+
 def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -> dict:
     import random
 
@@ -83,9 +106,12 @@ def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -
     # On a CPU, vLLM's default front-end process (detokenizing, polling) competes for the cores the
     # engine's pinned OpenMP threads run on: on 2 cores it cut batch-8 decode from 170 to 95 tok/s.
     # Both models run the same way; --engine-process separate keeps vLLM's default.
+    before = machine_state()
     result = run_in_subprocess(job, timeout=3600, engine_process=args.engine_process)
+    after = machine_state()
     tokens = sum(len(o["token_ids"]) for o in result["outputs"])
-    return {"output_tokens": tokens, "seconds": round(result["generate_seconds"], 3),
+    return {"machine_before": before, "machine_after": after,
+            "output_tokens": tokens, "seconds": round(result["generate_seconds"], 3),
             "output_tokens_per_s": round(tokens / result["generate_seconds"], 2),
             "kv_tokens_that_fit": result["num_gpu_blocks"] * result["block_size"],
             "kv_head_size": result["head_size"], "use_mla": result["use_mla"],
