@@ -72,23 +72,13 @@ def machine_state() -> dict:
     """This machine's speed now: fp32 matmul GFLOP/s and memory read GB/s (best of 3, ~2 s). A shared
     machine drifts during a long run; the original's (memory-bound) and the converted model's
     (compute-bound) decode feel different drifts, so each engine run records them before and after."""
-    import time
-
     import torch
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    from decode_step import fastest
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     big = torch.randn(128 * 2**20 // 4)  # 128 MiB, far above the caches
-    return {"fp32_gflops": round(2 * 1024**3 / best(lambda: a @ b) / 1e9, 1),
-            "read_gb_per_s": round(big.numel() * 4 / best(big.sum) / 1e9, 1)}
+    return {"fp32_gflops": round(2 * 1024**3 / fastest(lambda: a @ b, repeat=3, warmup=1) / 1e9, 1),
+            "read_gb_per_s": round(big.numel() * 4 / fastest(big.sum, repeat=3, warmup=1) / 1e9, 1)}
 
 
 def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -> dict:

@@ -80,12 +80,18 @@ DEFINE_QK(1, 1)
 DEFINE_PV(4, 2) /* the value remainder blocks only this kernel uses (tile_ops.h has the shared ones) */
 DEFINE_PV(1, 2)
 
+/* The cached row of position `pos` of a sequence whose block-table row is `blocks`. */
+static inline const char *cached_row(const void *cache, const int32_t *blocks, int block_size, size_t row_bytes,
+                                     int pos) {
+    return (const char *)cache + ((size_t)blocks[pos / block_size] * block_size + pos % block_size) * row_bytes;
+}
+
 /*
  * The next tile's cached rows, fetched into the caches a few lines at a time while this tile computes.
- * Read from memory by the copy into the fp32 tile they cost 12-18% of the kernel (a build that copied
- * only the first tile was that much faster). Prefetching a whole tile in one burst did not help; a few
- * lines after each 4-head register block, of scores and of values, wins it back
- * (benchmarks/speed/kernel_ab.py: 1.12-1.21x).
+ * Read from memory by the copy into the fp32 tile they cost ~16% of the kernel (a build that copied
+ * only each work item's first tile was 16-19% faster). Prefetching a whole tile in one burst did not
+ * help; a few lines after each 4-head register block, of scores and of values, wins most of it back
+ * (benchmarks/speed/kernel_ab.py: 1.06-1.14x).
  */
 typedef struct {
     const char *rows[TILE];
@@ -93,14 +99,11 @@ typedef struct {
     int per_block;                  /* lines per register block, so that one tile's blocks fetch them all */
 } prefetcher;
 
-/* Aim `p` at the `ntok` rows from position `first` (none when ntok <= 0), spread over `register_blocks`. */
-#define PREFETCH_PLAN(p, first, ntok, register_blocks)                                                    \
-    do {                                                                                                    \
-        int n_ = (ntok) > 0 ? (ntok) : 0;                                                                   \
-        for (int t_ = 0; t_ < n_; t_++) (p).rows[t_] = ROW((first) + t_);                                   \
-        (p).lines = n_ * (p).lines_per_row, (p).next = 0;                                                   \
-        (p).per_block = (register_blocks) > 0 ? ((p).lines + (register_blocks) - 1) / (register_blocks) : 0; \
-    } while (0)
+/* Start fetching p->rows[:nrows] (set by the caller), spread over `register_blocks` calls of prefetch_some. */
+static inline void prefetch_plan(prefetcher *p, int nrows, int register_blocks) {
+    p->lines = nrows * p->lines_per_row, p->next = 0;
+    p->per_block = register_blocks > 0 ? (p->lines + register_blocks - 1) / register_blocks : 0;
+}
 
 static inline void prefetch_some(prefetcher *p) {
     for (int k = 0; k < p->per_block && p->next < p->lines; k++, p->next++)
@@ -196,18 +199,18 @@ int latent_decode(const float *q, const void *cache, int dtype, int block_size, 
         for (int h = 0; h < heads; h++) run_max[h] = -INFINITY, run_sum[h] = 0.0f;
         const float *qb = q + (size_t)b * heads * wp;
         const int32_t *blocks = block_table + (size_t)b * table_stride;
-#define ROW(pos) ((const char *)cache + ((size_t)blocks[(pos) / block_size] * block_size + (pos) % block_size) * row_bytes)
         prefetcher next = {.lines_per_row = (int)((row_bytes + 63) / 64)};
         for (int t0 = start; t0 < end; t0 += TILE) {
             int ntok = end - t0 < TILE ? end - t0 : TILE;
-            for (int t = 0; t < ntok; t++) load_row(ROW(t0 + t), dtype, width, wp, tile + (size_t)t * wp);
-            int next_tok = end - t0 - ntok < TILE ? end - t0 - ntok : TILE;
-            PREFETCH_PLAN(next, t0 + ntok, next_tok, (heads / 4) * (ntok / 3 + value_blocks24(rp)));
+            for (int t = 0; t < ntok; t++)
+                load_row(cached_row(cache, blocks, block_size, row_bytes, t0 + t), dtype, width, wp, tile + (size_t)t * wp);
+            int next_tok = end - t0 - ntok < TILE ? end - t0 - ntok : TILE; /* <= 0 on the item's last tile */
+            for (int t = 0; t < next_tok; t++) next.rows[t] = cached_row(cache, blocks, block_size, row_bytes, t0 + ntok + t);
+            prefetch_plan(&next, next_tok > 0 ? next_tok : 0, (heads / 4) * (ntok / 3 + value_blocks24(rp)));
             tile_scores(qb, heads, tile, ntok, wp, scores, &next);
             tile_softmax(scores, heads, ntok, run_max, run_sum, acc, rp);
             tile_values(scores, heads, tile, ntok, wp, acc, rp, &next);
         }
-#undef ROW
     }
 
     /* merge each sequence's splits in order */
