@@ -14,6 +14,12 @@ read bandwidth):
     python benchmarks/speed/decode_step.py                      # contexts 1K-8K, batch 8 and 16
     python benchmarks/speed/decode_step.py --contexts 2048 --batches 8 --out /tmp/d.json
 
+The kernels of one table row (batch, context) are called in turn, round after round, together with two
+probes of the machine (an fp32 2048^3 matmul and a 256 MiB read): each row's roofline uses the peaks its
+own rounds measured (fastest probe call), and its kernels' times are medians. This machine is shared and
+its speed moves within minutes; timed in turn, a slow spell falls on every kernel of a row and on its
+peaks alike.
+
 Writes JSON (every measurement, the peaks, efficiency = roofline / measured) and a plot.
 """
 
@@ -28,16 +34,22 @@ from pathlib import Path
 import torch
 
 
-def timed(fn, repeat: int = 5, warmup: int = 2) -> float:
-    """Median seconds of fn()."""
-    for _ in range(warmup):
+def time_in_turn(fns: list, repeat: int = 5) -> list[list[float]]:
+    """Seconds of every call of each fn, called in turn (a b c a b c ...) after one warm-up call each, so
+    that a slow spell of a shared machine falls on all of them rather than on one."""
+    for fn in fns:
         fn()
-    times = []
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def fastest(fn, repeat: int = 5, warmup: int = 2) -> float:
@@ -52,19 +64,35 @@ def fastest(fn, repeat: int = 5, warmup: int = 2) -> float:
     return min(times)
 
 
+def peak_probes() -> dict:
+    """{peak name: (fn, work)}: an fp32 2048^3 matmul (work in FLOPs) and a sum over 256 MiB of fp32, far
+    above the caches (work in bytes). Peak = work / fastest call."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    big = torch.randn(256 * 2**20 // 4)
+    return {"fp32_matmul_flops": (lambda: a @ b, 2 * n**3),
+            "read_bytes_per_s": (lambda: big.sum(), big.numel() * 4)}
+
+
 def machine_peaks() -> dict:
     """bf16 / fp32 matmul FLOP/s and memory read bandwidth, measured now (fastest of 5 calls each)."""
     # bf16 at 512: CPUs without native bf16 emulate it at ~0.3 GFLOP/s, where 2048^3 takes a minute a call
     n = 512
     a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
-    bf16 = 2 * n**3 / fastest(lambda: a @ b)
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    fp32 = 2 * n**3 / fastest(lambda: a @ b)
-    big = torch.randn(256 * 2**20 // 4)  # 256 MiB of fp32, far above the caches
-    read = big.numel() * 4 / fastest(lambda: big.sum())
-    return {"bf16_matmul_flops": bf16, "fp32_matmul_flops": fp32, "read_bytes_per_s": read,
-            "threads": torch.get_num_threads()}
+    peaks = {"bf16_matmul_flops": 2 * n**3 / fastest(lambda: a @ b)}
+    for name, (fn, work) in peak_probes().items():
+        peaks[name] = work / fastest(fn)
+    return {**peaks, "threads": torch.get_num_threads()}
+
+
+def measure_row(cases: list[dict], probes: dict, repeat: int) -> dict:
+    """Call the cases' "fn"s and the peak probes in turn, `repeat` rounds; set each case's "seconds" (the
+    median; "fn" is removed) and return the peaks of these rounds (work / fastest probe call)."""
+    fns = [case.pop("fn") for case in cases] + [fn for fn, _ in probes.values()]
+    samples = time_in_turn(fns, repeat)
+    for case, spent in zip(cases, samples):
+        case["seconds"] = median(spent)
+    return {name: work / min(spent) for (name, (_, work)), spent in zip(probes.items(), samples[len(cases):])}
 
 
 def _block_table(batch: int, blocks_per_seq: int, gen) -> torch.Tensor:
@@ -91,7 +119,7 @@ def mla_case(batch: int, context: int, heads: int, rank: int, rope: int, kernel:
         out = torch.zeros(batch, heads, rank, dtype=q.dtype)
         fn = lambda: torch.ops._C.mla_decode_kvcache(out, q, cache, scale, table, seq_lens)  # noqa: E731
     flops = 2 * batch * heads * context * (rank + rope) + 2 * batch * heads * context * rank
-    return {"seconds": timed(fn), "flops": flops, "bytes": batch * context * (rank + rope) * 2}
+    return {"fn": fn, "flops": flops, "bytes": batch * context * (rank + rope) * 2}
 
 
 def mha_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block: int = 128) -> dict:
@@ -119,7 +147,7 @@ def mha_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int,
                                         query_start_loc=query_start, seq_lens=seq_lens, scale=head_dim ** -0.5,
                                         causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
                                         softcap=0.0, scheduler_metadata=meta, s_aux=None)
-    return {"seconds": timed(fn), "flops": 4 * batch * heads * context * head_dim,
+    return {"fn": fn, "flops": 4 * batch * heads * context * head_dim,
             "bytes": 2 * batch * context * kv_heads * head_dim * 2, "isa": isa}
 
 
@@ -132,47 +160,39 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--rank", type=int, default=512)
     parser.add_argument("--rope", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7, help="calls of each kernel per row, in turn")
     parser.add_argument("--out", default=str(Path(__file__).with_name("decode_step.json")))
     args = parser.parse_args()
 
     import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU kernels)
 
-    peaks = machine_peaks()
-    print(json.dumps(peaks), flush=True)
-    # The compute peak of the roofline: the faster of bf16 and fp32 matmul (a 16-bit cache may be
-    # computed on in either; on CPUs without native bf16, torch emulates bf16 far below fp32).
-    peak_flops = max(peaks["bf16_matmul_flops"], peaks["fp32_matmul_flops"])
+    before = machine_peaks()
+    print(json.dumps(before), flush=True)
+    probes = peak_probes()
     runs = []
     for batch in args.batches:
         for context in args.contexts:
             mla = (batch, context, args.heads, args.rank, args.rope)
-            cases = [("ours (fused C kernel)", mla_case, (*mla, "ours")),
-                     ("ours (torch fallback)", mla_case, (*mla, "ours-torch")),
-                     ("original (vLLM CPU attention)", mha_case,
-                      (batch, context, args.heads, args.kv_heads, args.head_dim))]
+            named = {"ours (fused C kernel)": mla_case(*mla, "ours"),
+                     "ours (torch fallback)": mla_case(*mla, "ours-torch"),
+                     "original (vLLM CPU attention)": mha_case(batch, context, args.heads, args.kv_heads,
+                                                                args.head_dim)}
             if args.rank + args.rope == 576:
-                cases.append(("stock CPU MLA (576)", mla_case, (*mla, "stock")))
-            for name, case, case_args in cases:
-                runs.append(against_roofline(case(*case_args), peaks, peak_flops, kernel=name, batch=batch,
-                                             context=context))
+                named["stock CPU MLA (576)"] = mla_case(*mla, "stock")
+            row_peaks = measure_row(list(named.values()), probes, args.rounds)
+            # The compute peak: the faster of bf16 and fp32 matmul (a 16-bit cache may be computed on in
+            # either; CPUs without native bf16 emulate it far below fp32, and then fp32 is the peak).
+            peak_flops = max(before["bf16_matmul_flops"], row_peaks["fp32_matmul_flops"])
+            for name, measured in named.items():
+                runs.append(against_roofline(measured, row_peaks, peak_flops, kernel=name, batch=batch,
+                                             context=context, row_peaks=row_peaks))
                 print(json.dumps(runs[-1]), flush=True)
-    peaks = settle_rooflines(runs, peaks)
+    after = machine_peaks()
+    print(json.dumps({"peaks_before": before, "peaks_after": after}), flush=True)
+    peaks = {"measured_before_runs": before, "measured_after_runs": after,
+             "rooflines": "per row: peaks measured in turn with the row's kernels (row_peaks)"}
     save_results(args, peaks, runs, x="context", xlabel="context (tokens)", ylabel="ms per decode step, one layer",
                  title="batch {batch}")
-
-
-def settle_rooflines(runs: list[dict], peaks_before: dict) -> dict:
-    """Measure the peaks again after the runs and keep the higher of each; recompute every run's roofline
-    with them (in place). On a shared machine one measurement can come out low, which would put a run
-    above 100% of its roofline. Returns the peaks used."""
-    after = machine_peaks()
-    peaks = {k: max(v, after[k]) for k, v in peaks_before.items()}
-    peak_flops = max(peaks["bf16_matmul_flops"], peaks["fp32_matmul_flops"])
-    for run in runs:
-        measured = {k: run[k] for k in ("seconds", "flops", "bytes")}
-        run.update(against_roofline(measured, peaks, peak_flops))
-    print(json.dumps({"peaks_before": peaks_before, "peaks_after": after}), flush=True)
-    return {**peaks, "measured_before_runs": peaks_before, "measured_after_runs": after}
 
 
 def against_roofline(measured: dict, peaks: dict, peak_flops: float, **labels) -> dict:

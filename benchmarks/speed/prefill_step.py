@@ -6,8 +6,9 @@ Timed, from the layer's normed hidden states [T, hidden] to the attention output
   attention of our prefill backend (MLAAttention's expanded path);
 * original: q_proj, k_proj, v_proj and vLLM's CPU attention (`cpu_attention_with_kv_cache`).
 Projections run through vLLM's CPU GEMM (oneDNN, as vLLM's linear layers do). Not timed on either side:
-rotary embedding and the cache write (O(T) each). The two sides are called in turn (median of 5 each),
-and the peaks are measured before and after the runs (the higher kept): this machine is shared.
+rotary embedding and the cache write (O(T) each). The two sides of a row are called in turn (median of
+5 each) together with decode_step.py's peak probes, and the row's roofline uses the peaks measured in
+those rounds: this machine is shared and its speed moves within minutes.
 
 Shapes (defaults, the MHA pair of throughput.py): hidden 1024, 16 query heads of 64; the converted layer
 has a 512 + 64 latent, qk_nope = v = 64 and rope 64 (q/k heads of 128); the original 16 KV heads x 64.
@@ -23,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from decode_step import against_roofline, machine_peaks, save_results, settle_rooflines
+from decode_step import against_roofline, machine_peaks, measure_row, peak_probes, save_results
 
 
 class Projection:
@@ -127,20 +127,6 @@ def original_case(batch: int, tokens: int, hidden_size: int, heads: int, kv_head
             "bytes": size * (hidden.numel() + weights + 2 * total * kv_heads * head_dim + out.numel()), "isa": isa}
 
 
-def timed_side_by_side(fns: list, repeat: int = 5) -> list[float]:
-    """Median seconds of each fn, called in turn (a b a b ...) after one warm-up each, so that a slow
-    spell of a shared machine falls on both sides rather than on one."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for fn, spent in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            spent.append(time.perf_counter() - start)
-    return [sorted(spent)[len(spent) // 2] for spent in times]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
@@ -152,33 +138,35 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=512)
     parser.add_argument("--rope", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
+    parser.add_argument("--rounds", type=int, default=5, help="calls of each side per row, in turn")
     parser.add_argument("--out", default=str(Path(__file__).with_name("prefill_step.json")))
     args = parser.parse_args()
 
     import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU kernels)
 
     dtype = getattr(torch, args.dtype)
-    peaks = machine_peaks()
-    print(json.dumps(peaks), flush=True)
-    peak_flops = max(peaks["bf16_matmul_flops"], peaks["fp32_matmul_flops"])
+    before = machine_peaks()
+    print(json.dumps(before), flush=True)
+    probes = peak_probes()
     runs = []
     for batch in args.batches:
         for tokens in args.tokens:
-            cases = [("ours (latent backend prefill)", ours_case,
-                      (batch, tokens, args.hidden, args.heads, args.rank, args.rope, args.head_dim, args.head_dim,
-                       dtype)),
-                     ("original (vLLM CPU attention)", original_case,
-                      (batch, tokens, args.hidden, args.heads, args.kv_heads, args.head_dim, dtype))]
-            measured = [case(*case_args) for _, case, case_args in cases]
-            for record, seconds in zip(measured, timed_side_by_side([m.pop("fn") for m in measured])):
-                record["seconds"] = seconds
-            pair = [against_roofline(record, peaks, peak_flops, kernel=name, batch=batch, tokens=tokens)
-                    for (name, _, _), record in zip(cases, measured)]
+            named = {"ours (latent backend prefill)": ours_case(batch, tokens, args.hidden, args.heads, args.rank,
+                                                                args.rope, args.head_dim, args.head_dim, dtype),
+                     "original (vLLM CPU attention)": original_case(batch, tokens, args.hidden, args.heads,
+                                                                    args.kv_heads, args.head_dim, dtype)}
+            row_peaks = measure_row(list(named.values()), probes, args.rounds)
+            peak_flops = max(before["bf16_matmul_flops"], row_peaks["fp32_matmul_flops"])
+            pair = [against_roofline(measured, row_peaks, peak_flops, kernel=name, batch=batch, tokens=tokens,
+                                     row_peaks=row_peaks) for name, measured in named.items()]
             for record in pair:
                 print(json.dumps(record), flush=True)
             pair[0]["original_over_ours"] = pair[1]["seconds"] / pair[0]["seconds"]
             runs += pair
-    peaks = settle_rooflines(runs, peaks)
+    after = machine_peaks()
+    print(json.dumps({"peaks_before": before, "peaks_after": after}), flush=True)
+    peaks = {"measured_before_runs": before, "measured_after_runs": after,
+             "rooflines": "per row: peaks measured in turn with the row's two sides (row_peaks)"}
     save_results(args, peaks, runs, x="tokens", xlabel="prompt tokens per request",
                  ylabel="ms per prefill, one layer's attention", title="batch {batch}, {dtype}")
 
