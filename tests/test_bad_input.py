@@ -150,8 +150,11 @@ def test_disk_full_leaves_nothing(src, tmp_path, monkeypatch, capsys):
 
 def _spawn_convert(src: Path, dst: Path) -> subprocess.Popen:
     env = {**os.environ, "TRANSMLA_DEBUG_LAYER_DELAY": "1.0"}
+    # SIGINT back to its default in the child: a test run started in the background by a non-interactive
+    # shell (`cmd &`) inherits SIGINT ignored, and Python then leaves it ignored (no KeyboardInterrupt).
     return subprocess.Popen([sys.executable, "-m", "vllm_transmla.cli", "convert", str(src), str(dst), "--quiet"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_temporary(dst: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
