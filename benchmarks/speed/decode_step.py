@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 
 
-def time_in_turn(fns: list, repeat: int = 5) -> list[list[float]]:
-    """Seconds of every call of each fn, called in turn (a b c a b c ...) after one warm-up call each, so
+def time_in_turn(fns: list, repeat: int = 5, warmup: int = 1) -> list[list[float]]:
+    """Seconds of every call of each fn, called in turn (a b c a b c ...) after `warmup` calls each, so
     that a slow spell of a shared machine falls on all of them rather than on one."""
     for fn in fns:
-        fn()
+        for _ in range(warmup):
+            fn()
     times = [[] for _ in fns]
     for _ in range(repeat):
         for fn, spent in zip(fns, times):
@@ -54,14 +55,7 @@ def median(values: list[float]) -> float:
 
 def fastest(fn, repeat: int = 5, warmup: int = 2) -> float:
     """Least seconds of fn() (for peaks: what the machine can do, not what a noisy moment gave)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(time_in_turn([fn], repeat, warmup)[0])
 
 
 def peak_probes() -> dict:
@@ -74,25 +68,41 @@ def peak_probes() -> dict:
             "read_bytes_per_s": (lambda: big.sum(), big.numel() * 4)}
 
 
-def machine_peaks() -> dict:
-    """bf16 / fp32 matmul FLOP/s and memory read bandwidth, measured now (fastest of 5 calls each)."""
+def machine_peaks(probes: dict) -> dict:
+    """bf16 / fp32 matmul FLOP/s and memory read bandwidth, measured now (fastest of 5 calls each); fp32
+    and the bandwidth come from `probes` (see `peak_probes`)."""
     # bf16 at 512: CPUs without native bf16 emulate it at ~0.3 GFLOP/s, where 2048^3 takes a minute a call
     n = 512
     a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
     peaks = {"bf16_matmul_flops": 2 * n**3 / fastest(lambda: a @ b)}
-    for name, (fn, work) in peak_probes().items():
+    for name, (fn, work) in probes.items():
         peaks[name] = work / fastest(fn)
     return {**peaks, "threads": torch.get_num_threads()}
 
 
-def measure_row(cases: list[dict], probes: dict, repeat: int) -> dict:
-    """Call the cases' "fn"s and the peak probes in turn, `repeat` rounds; set each case's "seconds" (the
-    median; "fn" is removed) and return the peaks of these rounds (work / fastest probe call)."""
-    fns = [case.pop("fn") for case in cases] + [fn for fn, _ in probes.values()]
+def roofline_row(named: dict[str, dict], probes: dict, before: dict, repeat: int, **labels) -> list[dict]:
+    """One table row: the named cases (each {"fn", "flops", "bytes", ...}; "fn" is removed) and the peak
+    probes called in turn, `repeat` rounds. Returns each case's record (see `against_roofline`: the median
+    seconds) against the roofline of the peaks these rounds measured (work / fastest probe call), which
+    every record also keeps as "row_peaks"."""
+    fns = [case.pop("fn") for case in named.values()] + [fn for fn, _ in probes.values()]
     samples = time_in_turn(fns, repeat)
-    for case, spent in zip(cases, samples):
-        case["seconds"] = median(spent)
-    return {name: work / min(spent) for (name, (_, work)), spent in zip(probes.items(), samples[len(cases):])}
+    row_peaks = {name: work / min(spent) for (name, (_, work)), spent in zip(probes.items(), samples[len(named):])}
+    # The compute peak: the faster of bf16 and fp32 matmul (a 16-bit cache may be computed on in either;
+    # CPUs without native bf16 emulate it far below fp32, and then fp32 is the peak).
+    peak_flops = max(before["bf16_matmul_flops"], row_peaks["fp32_matmul_flops"])
+    return [against_roofline({**case, "seconds": median(spent)}, row_peaks, peak_flops, kernel=name, **labels,
+                             row_peaks=row_peaks)
+            for (name, case), spent in zip(named.items(), samples)]
+
+
+def peaks_after(before: dict, probes: dict, what: str) -> dict:
+    """Measure the peaks again after the runs; the JSON's "peaks" (both measurements; each row's roofline
+    used its own, see `roofline_row`)."""
+    after = machine_peaks(probes)
+    print(json.dumps({"peaks_before": before, "peaks_after": after}), flush=True)
+    return {"measured_before_runs": before, "measured_after_runs": after,
+            "rooflines": f"per row: peaks measured in turn with the row's {what} (row_peaks)"}
 
 
 def _block_table(batch: int, blocks_per_seq: int, gen) -> torch.Tensor:
@@ -166,9 +176,9 @@ def main() -> None:
 
     import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU kernels)
 
-    before = machine_peaks()
-    print(json.dumps(before), flush=True)
     probes = peak_probes()
+    before = machine_peaks(probes)
+    print(json.dumps(before), flush=True)
     runs = []
     for batch in args.batches:
         for context in args.contexts:
@@ -179,18 +189,10 @@ def main() -> None:
                                                                 args.head_dim)}
             if args.rank + args.rope == 576:
                 named["stock CPU MLA (576)"] = mla_case(*mla, "stock")
-            row_peaks = measure_row(list(named.values()), probes, args.rounds)
-            # The compute peak: the faster of bf16 and fp32 matmul (a 16-bit cache may be computed on in
-            # either; CPUs without native bf16 emulate it far below fp32, and then fp32 is the peak).
-            peak_flops = max(before["bf16_matmul_flops"], row_peaks["fp32_matmul_flops"])
-            for name, measured in named.items():
-                runs.append(against_roofline(measured, row_peaks, peak_flops, kernel=name, batch=batch,
-                                             context=context, row_peaks=row_peaks))
-                print(json.dumps(runs[-1]), flush=True)
-    after = machine_peaks()
-    print(json.dumps({"peaks_before": before, "peaks_after": after}), flush=True)
-    peaks = {"measured_before_runs": before, "measured_after_runs": after,
-             "rooflines": "per row: peaks measured in turn with the row's kernels (row_peaks)"}
+            for record in roofline_row(named, probes, before, args.rounds, batch=batch, context=context):
+                runs.append(record)
+                print(json.dumps(record), flush=True)
+    peaks = peaks_after(before, probes, "kernels")
     save_results(args, peaks, runs, x="context", xlabel="context (tokens)", ylabel="ms per decode step, one layer",
                  title="batch {batch}")
 

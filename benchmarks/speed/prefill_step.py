@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from decode_step import against_roofline, machine_peaks, measure_row, peak_probes, save_results
+from decode_step import machine_peaks, peak_probes, peaks_after, roofline_row, save_results
 
 
 class Projection:
@@ -145,9 +145,9 @@ def main() -> None:
     import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU kernels)
 
     dtype = getattr(torch, args.dtype)
-    before = machine_peaks()
-    print(json.dumps(before), flush=True)
     probes = peak_probes()
+    before = machine_peaks(probes)
+    print(json.dumps(before), flush=True)
     runs = []
     for batch in args.batches:
         for tokens in args.tokens:
@@ -155,18 +155,12 @@ def main() -> None:
                                                                 args.rope, args.head_dim, args.head_dim, dtype),
                      "original (vLLM CPU attention)": original_case(batch, tokens, args.hidden, args.heads,
                                                                     args.kv_heads, args.head_dim, dtype)}
-            row_peaks = measure_row(list(named.values()), probes, args.rounds)
-            peak_flops = max(before["bf16_matmul_flops"], row_peaks["fp32_matmul_flops"])
-            pair = [against_roofline(measured, row_peaks, peak_flops, kernel=name, batch=batch, tokens=tokens,
-                                     row_peaks=row_peaks) for name, measured in named.items()]
+            pair = roofline_row(named, probes, before, args.rounds, batch=batch, tokens=tokens)
             for record in pair:
                 print(json.dumps(record), flush=True)
             pair[0]["original_over_ours"] = pair[1]["seconds"] / pair[0]["seconds"]
             runs += pair
-    after = machine_peaks()
-    print(json.dumps({"peaks_before": before, "peaks_after": after}), flush=True)
-    peaks = {"measured_before_runs": before, "measured_after_runs": after,
-             "rooflines": "per row: peaks measured in turn with the row's two sides (row_peaks)"}
+    peaks = peaks_after(before, probes, "two sides")
     save_results(args, peaks, runs, x="tokens", xlabel="prompt tokens per request",
                  ylabel="ms per prefill, one layer's attention", title="batch {batch}, {dtype}")
 
