@@ -132,32 +132,55 @@ def mla_case(batch: int, context: int, heads: int, rank: int, rope: int, kernel:
     return {"fn": fn, "flops": flops, "bytes": batch * context * (rank + rope) * 2}
 
 
-def mha_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block: int = 128) -> dict:
+def start_run() -> tuple:
+    """Load vLLM's CPU kernels, build the peak probes and measure the machine before any row:
+    (probes, peaks before)."""
+    import vllm._custom_ops  # noqa: F401  (registers vLLM's CPU kernels as torch ops)
+
+    probes = peak_probes()
+    before = machine_peaks(probes)
+    print(json.dumps(before), flush=True)
+    return probes, before
+
+
+def vllm_paged_attention(batch: int, context: int, queries: int, heads: int, kv_heads: int, head_dim: int,
+                         dtype: torch.dtype, gen, block: int = 128):
+    """vLLM's CPU attention (causal) over a random paged cache of `context` tokens per sequence.
+
+    Returns (attend, isa): attend(q) takes q [batch * queries, heads, head_dim], the last `queries` tokens
+    of each sequence, and writes the output into a reused [batch * queries, heads, head_dim] tensor.
+    """
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    gen = torch.Generator().manual_seed(0)
-    blocks = context // block
-    dtype = torch.bfloat16
+    blocks = -(-context // block)
     cache = (torch.randn(batch * blocks, kv_heads, block * 2, head_dim, generator=gen) * 0.5).to(dtype)
     key_cache, value_cache = cache.chunk(2, dim=2)
     table = _block_table(batch, blocks, gen)
     seq_lens = torch.full((batch,), context, dtype=torch.int32)
-    query_start = torch.arange(batch + 1, dtype=torch.int32)
-    q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
-    out = torch.empty_like(q)
+    query_start = (torch.arange(batch + 1) * queries).int()
+    out = torch.empty(batch * queries, heads, head_dim, dtype=dtype)
     isa = _get_attn_isa(dtype, block, head_dim)
     meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=batch, num_heads=heads, num_kv_heads=kv_heads,
                                                head_dim=head_dim, seq_lens=seq_lens, dtype=dtype,
                                                query_start_loc=query_start, causal=True, sliding_window_size=-1,
                                                isa=isa, enable_kv_split=False)
 
-    def fn():
+    def attend(q: torch.Tensor) -> torch.Tensor:
         ops.cpu_attention_with_kv_cache(query=q, key_cache=key_cache, value_cache=value_cache, output=out,
                                         query_start_loc=query_start, seq_lens=seq_lens, scale=head_dim ** -0.5,
                                         causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
                                         softcap=0.0, scheduler_metadata=meta, s_aux=None)
-    return {"fn": fn, "flops": 4 * batch * heads * context * head_dim,
+        return out
+    return attend, isa
+
+
+def mha_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block: int = 128) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16
+    attend, isa = vllm_paged_attention(batch, context, 1, heads, kv_heads, head_dim, dtype, gen, block)
+    q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
+    return {"fn": lambda: attend(q), "flops": 4 * batch * heads * context * head_dim,
             "bytes": 2 * batch * context * kv_heads * head_dim * 2, "isa": isa}
 
 
@@ -174,11 +197,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("decode_step.json")))
     args = parser.parse_args()
 
-    import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU kernels)
-
-    probes = peak_probes()
-    before = machine_peaks(probes)
-    print(json.dumps(before), flush=True)
+    probes, before = start_run()
     runs = []
     for batch in args.batches:
         for context in args.contexts:

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from decode_step import machine_peaks, peak_probes, peaks_after, roofline_row, save_results
+from decode_step import peaks_after, roofline_row, save_results, start_run, vllm_paged_attention
 
 
 class Projection:
@@ -91,40 +91,23 @@ def ours_case(batch: int, tokens: int, hidden_size: int, heads: int, rank: int, 
 
 def original_case(batch: int, tokens: int, hidden_size: int, heads: int, kv_heads: int, head_dim: int,
                   dtype: torch.dtype, block: int = 128) -> dict:
-    from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
     gen = torch.Generator().manual_seed(0)
     total = batch * tokens
     hidden = torch.randn(total, hidden_size, generator=gen).to(dtype)
     projections = [Projection(heads * head_dim, hidden_size, dtype, gen),
                    Projection(kv_heads * head_dim, hidden_size, dtype, gen),
                    Projection(kv_heads * head_dim, hidden_size, dtype, gen)]
-    blocks = -(-tokens // block)
-    cache = (torch.randn(batch * blocks, kv_heads, block * 2, head_dim, generator=gen) * 0.5).to(dtype)
-    key_cache, value_cache = cache.chunk(2, dim=2)
-    table = torch.randperm(batch * blocks, generator=gen).view(batch, blocks).int()
-    seq_lens = torch.full((batch,), tokens, dtype=torch.int32)
-    query_start = (torch.arange(batch + 1) * tokens).int()
-    out = torch.empty(total, heads, head_dim, dtype=dtype)
-    isa = _get_attn_isa(dtype, block, head_dim)
-    meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=batch, num_heads=heads, num_kv_heads=kv_heads,
-                                               head_dim=head_dim, seq_lens=seq_lens, dtype=dtype,
-                                               query_start_loc=query_start, causal=True, sliding_window_size=-1,
-                                               isa=isa, enable_kv_split=False)
+    attend, isa = vllm_paged_attention(batch, tokens, tokens, heads, kv_heads, head_dim, dtype, gen, block)
 
     def fn():
         q, _, _ = (p(hidden) for p in projections)  # k and v would go to the cache, which is not timed
-        ops.cpu_attention_with_kv_cache(query=q.view(total, heads, head_dim), key_cache=key_cache,
-                                        value_cache=value_cache, output=out,
-                                        query_start_loc=query_start, seq_lens=seq_lens, scale=head_dim ** -0.5,
-                                        causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
-                                        softcap=0.0, scheduler_metadata=meta, s_aux=None)
+        attend(q.view(total, heads, head_dim))
     size = dtype.itemsize
     flops = batch * heads * tokens**2 * 2 * head_dim + sum(p.flops(total) for p in projections)
     weights = sum(p.weight.numel() for p in projections)
     return {"fn": fn, "flops": flops,
-            "bytes": size * (hidden.numel() + weights + 2 * total * kv_heads * head_dim + out.numel()), "isa": isa}
+            "bytes": size * (hidden.numel() + weights + 2 * total * kv_heads * head_dim + total * heads * head_dim),
+            "isa": isa}
 
 
 def main() -> None:
@@ -142,12 +125,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("prefill_step.json")))
     args = parser.parse_args()
 
-    import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU kernels)
-
     dtype = getattr(torch, args.dtype)
-    probes = peak_probes()
-    before = machine_peaks(probes)
-    print(json.dumps(before), flush=True)
+    probes, before = start_run()
     runs = []
     for batch in args.batches:
         for tokens in args.tokens:
