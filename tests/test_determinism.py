@@ -78,6 +78,10 @@ def test_batch_with_preemption_equals_alone(model, batch, alone_and_batched):
     assert result["num_preemptions"] > 0
     solo = [alone_and_batched["solo_outputs"][str(i)] for i in range(16)]
     assert _tokens(result["outputs"]) == _tokens(solo)
+    # the per-request timeline (benchmarks/speed/throughput.py reports it) agrees with vLLM's counter
+    timeline = result["timeline"]
+    assert len(timeline) == 16 and sum(r["preemptions"] for r in timeline) == result["num_preemptions"]
+    assert all(0 <= r["scheduled_s"] <= r["first_token_s"] <= r["last_token_s"] for r in timeline)
 
 
 def test_tensor_parallel_2_batch_equals_alone(model, batch, alone_and_batched):

@@ -105,7 +105,18 @@ def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -
             "output_tokens_per_s": round(tokens / result["generate_seconds"], 2),
             "kv_tokens_that_fit": result["num_gpu_blocks"] * result["block_size"],
             "kv_head_size": result["head_size"], "use_mla": result["use_mla"],
-            "num_preemptions": result["num_preemptions"]}
+            "num_preemptions": result["num_preemptions"], **finish_times(result.get("timeline"))}
+
+
+def finish_times(timeline: list[dict] | None) -> dict:
+    """When the requests finished (seconds, sorted) and how long the last one ran after all others had
+    finished: a straggler decoding alone spends the model's capacity on one sequence, and with few
+    prompts that tail can be a large share of a run."""
+    if not timeline:
+        return {}
+    done = sorted(r["last_token_s"] for r in timeline)
+    return {"finished_at_s": done, "last_alone_s": round(done[-1] - done[-2], 3) if len(done) > 1 else None,
+            "timeline": timeline}
 
 
 def main() -> None:

@@ -41,7 +41,8 @@ def run(job: dict) -> dict:
             for i in job.get("solo", [])}
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    result = {"outputs": _completions(outs), "generate_seconds": time.perf_counter() - start}
+    result = {"outputs": _completions(outs), "generate_seconds": time.perf_counter() - start,
+              "timeline": _timeline(outs)}
     if solo:
         result["solo_outputs"] = solo
     engine = llm.llm_engine
@@ -68,6 +69,19 @@ def _completions(outs) -> list[dict]:
     return [{"token_ids": list(out.outputs[0].token_ids),
              "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in out.outputs[0].logprobs or []]}
             for out in outs]
+
+
+def _timeline(outs) -> list[dict] | None:
+    """Per request, in prompt order: seconds from the first request's queueing to its first scheduling,
+    first token and last token, and how often it was preempted (vLLM's own per-request stats). It shows
+    how many sequences ran at once over a job, e.g. a straggler decoding alone at the end. None where
+    vLLM kept no stats."""
+    stats = [out.metrics for out in outs]
+    if any(m is None or not getattr(m, "last_token_ts", 0.0) for m in stats):
+        return None
+    t0 = min(m.queued_ts for m in stats)
+    return [{"scheduled_s": round(m.scheduled_ts - t0, 3), "first_token_s": round(m.first_token_ts - t0, 3),
+             "last_token_s": round(m.last_token_ts - t0, 3), "preemptions": m.num_preemptions} for m in stats]
 
 
 def _num_preemptions(llm) -> int:
