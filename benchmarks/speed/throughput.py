@@ -109,14 +109,13 @@ def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -
 
 
 def finish_times(timeline: list[dict] | None) -> dict:
-    """When the requests finished (seconds, sorted) and how long the last one ran after all others had
-    finished: a straggler decoding alone spends the model's capacity on one sequence, and with few
-    prompts that tail can be a large share of a run."""
+    """The per-request timeline and how long the last request ran after all others had finished: a
+    straggler decoding alone spends the model's capacity on one sequence, and with few prompts that
+    tail can be a large share of a run."""
     if not timeline:
         return {}
     done = sorted(r["last_token_s"] for r in timeline)
-    return {"finished_at_s": done, "last_alone_s": round(done[-1] - done[-2], 3) if len(done) > 1 else None,
-            "timeline": timeline}
+    return {"last_alone_s": round(done[-1] - done[-2], 3) if len(done) > 1 else None, "timeline": timeline}
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 
 The demo and the tests run every engine in a subprocess of its own (vLLM's engine processes need a
 `__main__` guard, and a fresh process frees the engine's memory for the next one). A job gives the
-engine arguments, prompts (token ids) and sampling settings; the result has tokens, top-k logprobs and
-vLLM's own KV-cache configuration (use_mla, head size, blocks that fit the KV budget).
+engine arguments, prompts (token ids) and sampling settings; the result has tokens, top-k logprobs, a
+per-request timeline and vLLM's own KV-cache configuration (use_mla, head size, blocks that fit the KV
+budget).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _timeline(outs) -> list[dict] | None:
     how many sequences ran at once over a job, e.g. a straggler decoding alone at the end. None where
     vLLM kept no stats."""
     stats = [out.metrics for out in outs]
-    if any(m is None or not getattr(m, "last_token_ts", 0.0) for m in stats):
+    if any(m is None or not m.last_token_ts for m in stats):
         return None
     t0 = min(m.queued_ts for m in stats)
     return [{"scheduled_s": round(m.scheduled_ts - t0, 3), "first_token_s": round(m.first_token_ts - t0, 3),
