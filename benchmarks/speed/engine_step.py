@@ -120,18 +120,19 @@ def held_sequences(fixed_seqs: int, per_token: dict, max_num_seqs: int) -> int:
     return min(max_num_seqs, fixed_seqs * per_token["original"] // per_token["converted"])
 
 
-def predictions(steps: dict, per_token: dict, args) -> list[dict]:
+def predictions(run: dict, per_token: dict, args) -> list[dict]:
+    """Decode tok/s ratio, converted / original, at the sequences each budget lets the two models hold."""
     rows = []
     for fixed in args.fixed_seqs:
         held = held_sequences(fixed, per_token, args.max_num_seqs)
-        orig, conv = steps["original"][str(fixed)], steps["converted"][str(held)]
+        orig, conv = run["original"][str(fixed)], run["converted"][str(held)]
         rows.append({"budget": f"fixed: {fixed} sequences of the original", "original_seqs": fixed,
                      "converted_seqs": held,
                      "decode_ratio": round(conv["decode_tok_per_s"] / orig["decode_tok_per_s"], 3)})
     for n in args.free_seqs:
         rows.append({"budget": f"free: {n} sequences in both", "original_seqs": n, "converted_seqs": n,
-                     "decode_ratio": round(steps["converted"][str(n)]["decode_tok_per_s"]
-                                           / steps["original"][str(n)]["decode_tok_per_s"], 3)})
+                     "decode_ratio": round(run["converted"][str(n)]["decode_tok_per_s"]
+                                           / run["original"][str(n)]["decode_tok_per_s"], 3)})
     return rows
 
 
