@@ -16,7 +16,7 @@ throughput over the original's is
 the ceiling of the fixed-budget gain in `throughput.py` before prefill, preemption and context growth.
 With a free budget both hold every sequence and the ratio is step_original(N) / step_converted(N).
 
-    python benchmarks/speed/engine_step.py --pairs gqa mha --context 4096      # ~20 minutes on 2 cores
+    python benchmarks/speed/engine_step.py --pairs gqa mha --context 4096      # ~24 minutes on 2 cores
     python benchmarks/speed/engine_step.py --original SRC --converted DST --context 2048 --seqs 1 2 4 8
 
 Writes JSON and a plot (step time and decode tok/s against running sequences).
@@ -137,7 +137,7 @@ def predictions(run: dict, per_token: dict, args) -> list[dict]:
 
 
 def main() -> None:
-    from throughput import PAIRS, build_pair, kv_bytes_per_token, machine_state
+    from throughput import PAIRS, machine_state, pairs_from_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=["gqa", "mha"], choices=PAIRS)
@@ -155,15 +155,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default=str(Path(__file__).with_name("engine_step.json")))
     args = parser.parse_args()
-    dtype_bytes = 4 if args.dtype in ("float32", "float") else 2
 
     results = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = ([("custom", Path(args.original), Path(args.converted))] if args.original
-                 else [(name, *build_pair(name, Path(tmp))) for name in args.pairs])
-        for name, original, converted in pairs:
-            per_token = {m: kv_bytes_per_token(p, dtype_bytes) for m, p in (("original", original),
-                                                                            ("converted", converted))}
+        for name, original, converted, per_token in pairs_from_args(args, Path(tmp)):
             wanted = set(args.seqs or [1, 2, 4, 8]) | set(args.fixed_seqs) | set(args.free_seqs)
             wanted |= {held_sequences(f, per_token, args.max_num_seqs) for f in args.fixed_seqs}
             seqs = sorted(n for n in wanted if 0 < n <= args.max_num_seqs)

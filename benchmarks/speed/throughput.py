@@ -68,6 +68,17 @@ def kv_bytes_per_token(path: Path, dtype_bytes: int) -> int:
     return per_token(AutoConfig.from_pretrained(path), dtype_bytes)
 
 
+def pairs_from_args(args, root: Path) -> list[tuple[str, Path, Path, dict]]:
+    """(name, original, converted, KV bytes per token of each) for --original/--converted, else for each of
+    --pairs built under `root`."""
+    dtype_bytes = 4 if args.dtype in ("float32", "float") else 2
+    pairs = ([("custom", Path(args.original), Path(args.converted))] if args.original
+             else [(name, *build_pair(name, root)) for name in args.pairs])
+    return [(name, original, converted,
+             {m: kv_bytes_per_token(p, dtype_bytes) for m, p in (("original", original), ("converted", converted))})
+            for name, original, converted in pairs]
+
+
 def machine_state() -> dict:
     """This machine's speed now: fp32 matmul GFLOP/s and memory read GB/s (best of 3, ~2 s). A shared
     machine drifts during a long run; the original's (memory-bound) and the converted model's
@@ -134,7 +145,6 @@ def main() -> None:
                              "for the cores) or in its own process (vLLM's default; default on GPU)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("throughput.json")))
     args = parser.parse_args()
-    dtype_bytes = 4 if args.dtype in ("float32", "float") else 2
     if args.engine_process is None:
         import torch
 
@@ -142,11 +152,7 @@ def main() -> None:
 
     results = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = ([("custom", Path(args.original), Path(args.converted))] if args.original
-                 else [(name, *build_pair(name, Path(tmp))) for name in args.pairs])
-        for name, original, converted in pairs:
-            per_token = {m: kv_bytes_per_token(p, dtype_bytes) for m, p in (("original", original),
-                                                                            ("converted", converted))}
+        for name, original, converted, per_token in pairs_from_args(args, Path(tmp)):
             for length in args.lengths:
                 for budget_kind in args.budgets:
                     # fixed: what `fixed_seqs` full sequences of the original need (+ one block of slack)
