@@ -84,3 +84,39 @@ def test_rope_on_noncontiguous_slices_matches_transformers(blocks, interleave):
                               torch.einsum("thd,sd->ths", want_q, want_k), atol=1e-4)
     else:
         assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5)
+
+
+def test_selected_pair_rope_matches_transformers():
+    """In the selected-frequency layout every rope pair turns at its own source frequency (repeats allowed):
+    our vLLM layer's precomputed (cos | sin) columns rotate q and k as the transformers class does, with
+    llama3 scaling."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from vllm_transmla.hf.attention import apply_block_rope, select_rope_pairs
+    from vllm_transmla.serving.attention import rotate_selected_pairs, select_pair_cos_sin
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    source_dim, width, tokens, heads = 64, 16, 40, 4
+    pair_freqs = [0, 3, 3, 7, 12, 20, 31, 31]  # width / 2 of the source's 32 frequencies
+    q = torch.randn(tokens, heads, 8 + width)
+    latent = torch.randn(tokens, 24 + width)
+    q_pe, k_pe = q[..., 8:], latent[:, 24:]  # non-contiguous views, as in the model
+    positions = torch.arange(tokens) * 5 + 3  # past original_max_position_embeddings: scaling matters
+    with set_current_vllm_config(VllmConfig()):
+        source_rope = get_rope(source_dim, max_position=256, is_neox_style=True, rope_parameters=rope,
+                               dtype=torch.float32)
+    got_q, got_k = rotate_selected_pairs(select_pair_cos_sin(source_rope.cos_sin_cache, pair_freqs), positions,
+                                         q_pe, k_pe)
+
+    source = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=source_dim, rope_parameters=rope,
+                         max_position_embeddings=256)
+    cos, sin = LlamaRotaryEmbedding(source)(q, positions[None])
+    cos, sin = select_rope_pairs(cos, pair_freqs), select_rope_pairs(sin, pair_freqs)
+    want_q = apply_block_rope(q_pe[None], cos, sin, 1)[0]
+    want_k = apply_block_rope(k_pe[None, :, None], cos, sin, 1)[0, :, 0]
+    assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5)
+    assert not torch.allclose(got_q, q_pe, atol=1e-2)  # it did rotate
