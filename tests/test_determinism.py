@@ -46,6 +46,9 @@ def _tokens(outputs):
 
 
 def test_alone_equals_in_a_batch_of_16(alone_and_batched):
+    # vLLM's CPU platform forces 16-token blocks on MLA models (its stock kernel's size); the plugin gives
+    # ours the CPU default every other model gets
+    assert alone_and_batched["block_size"] == 128
     solo = [alone_and_batched["solo_outputs"][str(i)] for i in range(16)]
     assert alone_and_batched["num_preemptions"] == 0
     for i, (a, b) in enumerate(zip(_tokens(solo), _tokens(alone_and_batched["outputs"]))):
@@ -59,9 +62,10 @@ def test_chunked_prefill_and_prefix_cache_equal_alone(model, batch, alone_and_ba
     a prefix-cache hit go through the absorbed decode path as multi-token queries (`per_token_rows`: a
     non-causal mask there changes these tokens). Tokens equal the plain run's."""
     result = run_vllm({"model": str(model), "prompts": batch, "max_tokens": MAX_TOKENS, "solo": list(range(16)),
-                       "kv_cache_memory_bytes": 4_000_000, "max_num_batched_tokens": 32})
-    # vLLM's CPU platform turns both off for MLA models; the plugin gives them back to ours
-    assert result["enable_chunked_prefill"] and result["enable_prefix_caching"]
+                       "kv_cache_memory_bytes": 4_000_000, "max_num_batched_tokens": 32, "block_size": 16})
+    # vLLM's CPU platform turns both off for MLA models; the plugin gives them back to ours, and the block
+    # size the user asked for
+    assert result["enable_chunked_prefill"] and result["enable_prefix_caching"] and result["block_size"] == 16
     assert result["max_num_batched_tokens"] == 32 < max(len(p) for p in batch)
     # the batch finds every full 16-token block of its prompts but the one holding the last token
     assert result["prefix_cache_hits"] >= sum((len(p) - 1) // 16 * 16 for p in batch)
@@ -74,7 +78,7 @@ def test_batch_with_preemption_equals_alone(model, batch, alone_and_batched):
     """A KV budget of ~6 sequences for 16: vLLM preempts and recomputes; the tokens stay the same."""
     latent_bytes_per_block = (32 + 32) * 4 * 2 * 16  # fp32, 2 layers, 16 tokens a block
     result = run_vllm({"model": str(model), "prompts": batch, "max_tokens": MAX_TOKENS, "max_model_len": 128,
-                       "kv_cache_memory_bytes": 48 * latent_bytes_per_block})
+                       "kv_cache_memory_bytes": 48 * latent_bytes_per_block, "block_size": 16})
     assert result["num_preemptions"] > 0
     solo = [alone_and_batched["solo_outputs"][str(i)] for i in range(16)]
     assert _tokens(result["outputs"]) == _tokens(solo)

@@ -18,19 +18,19 @@ from vllm_transmla.serving.backend import LatentPrefillBackend, paged_latent_dec
 BLOCK = 16
 
 
-def _paged_cache(seq_latents: list[torch.Tensor], num_blocks: int, seed: int = 0):
+def _paged_cache(seq_latents: list[torch.Tensor], num_blocks: int, seed: int = 0, block_size: int = BLOCK):
     """Write each sequence's latents [S, R + D] into randomly chosen (shuffled) blocks."""
     gen = torch.Generator().manual_seed(seed)
     width = seq_latents[0].shape[-1]
-    cache = torch.randn(num_blocks, BLOCK, width, generator=gen)  # garbage where nothing was written
+    cache = torch.randn(num_blocks, block_size, width, generator=gen)  # garbage where nothing was written
     order = torch.randperm(num_blocks, generator=gen).tolist()
-    max_blocks = max((s.shape[0] + BLOCK - 1) // BLOCK for s in seq_latents)
+    max_blocks = max((s.shape[0] + block_size - 1) // block_size for s in seq_latents)
     table = torch.zeros(len(seq_latents), max_blocks, dtype=torch.int32)
     for i, latents in enumerate(seq_latents):
-        for j in range((latents.shape[0] + BLOCK - 1) // BLOCK):
+        for j in range((latents.shape[0] + block_size - 1) // block_size):
             block = order.pop()
             table[i, j] = block
-            chunk = latents[j * BLOCK:(j + 1) * BLOCK]
+            chunk = latents[j * block_size:(j + 1) * block_size]
             cache[block, :chunk.shape[0]] = chunk
     return cache, table
 
@@ -63,16 +63,22 @@ DECODE_PATHS = ["fused", "batched", "per-sequence", "chunked"]
 
 
 @pytest.mark.parametrize("path", DECODE_PATHS)
+@pytest.mark.parametrize("block_size", [16, 96, 128])
 @pytest.mark.parametrize("heads,rank,rope", [(1, 64, 16), (4, 64, 16), (16, 48, 16), (8, 512, 64), (6, 20, 12)])
-def test_decode_matches_sdpa(heads, rank, rope, path, monkeypatch):
+def test_decode_matches_sdpa(heads, rank, rope, block_size, path, monkeypatch):
     """The decode paths (our fused C kernel; in torch: one padded batch, a sequence at a time, long
     sequences chunk by chunk with an online softmax) and calls in a row (workspaces are reused) match
-    fp32 SDPA. Odd head counts and widths that are not multiples of 8 take the kernel's remainder code."""
+    fp32 SDPA. Odd head counts and widths that are not multiples of 8 take the kernel's remainder code.
+    Block sizes: 16 (vLLM's stock CPU MLA size; the kernel copies each tile's rows), 128 (vLLM's CPU
+    default; an fp32 tile lies in one block and is read in place) and 96 (some tiles in place, some across
+    two blocks and copied)."""
     _choose_path(path, monkeypatch)
+    if path == "chunked":
+        monkeypatch.setattr("vllm_transmla.serving.backend.DECODE_CHUNK_TOKENS", 2 * block_size)
     torch.manual_seed(heads)
     for seq_lens in ([1, 15, 16, 17, 90], [33, 2], [1100, 512, 513]):  # the kernel splits at 512 tokens
         latents = [torch.randn(n, rank + rope) for n in seq_lens]
-        cache, table = _paged_cache(latents, num_blocks=160)
+        cache, table = _paged_cache(latents, num_blocks=160 * BLOCK // block_size + 8, block_size=block_size)
         q = torch.randn(len(seq_lens), heads, rank + rope)
         scale = (rank + rope) ** -0.5
         got = paged_latent_decode(q, cache, table, torch.tensor(seq_lens), scale, rank)
@@ -97,8 +103,9 @@ def test_bf16_decode_matches_fp32(path, monkeypatch):
 
 
 def test_fused_kernel_is_batch_and_head_invariant(monkeypatch):
-    """Our C kernel gives a sequence bit-identical results alone or in any batch, and for any subset of
-    heads (a tensor-parallel rank), with fp32, bf16 and fp16 caches: the determinism vLLM users expect."""
+    """Our C kernel gives a sequence bit-identical results alone or in any batch, for any subset of heads
+    (a tensor-parallel rank) and any block size, with fp32, bf16 and fp16 caches: the determinism vLLM
+    users expect."""
     _choose_path("fused", monkeypatch)
     torch.manual_seed(11)
     seq_lens = [3, 600, 31, 1030, 77]
@@ -116,6 +123,11 @@ def test_fused_kernel_is_batch_and_head_invariant(monkeypatch):
         for heads in (slice(0, 5), slice(5, 12)):
             part = paged_latent_decode(q[:, heads].contiguous(), cache, table, torch.tensor(seq_lens), 0.1, 84)
             assert torch.equal(part, batch[:, heads])
+    # fp32 rows read in place (128-token blocks) give the bits of rows copied into the tile first (16).
+    wide_cache, wide_table = _paged_cache(latents, num_blocks=20, block_size=128)
+    copied = paged_latent_decode(q, cache32, table, torch.tensor(seq_lens), 0.1, 84)
+    in_place = paged_latent_decode(q, wide_cache, wide_table, torch.tensor(seq_lens), 0.1, 84)
+    assert torch.equal(in_place, copied)
 
 
 def test_fused_kernel_can_be_switched_off(monkeypatch):

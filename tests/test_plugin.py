@@ -33,14 +33,14 @@ from vllm_transmla.hf.configuration import LlamaMLAConfig
 cfg = LlamaMLAConfig(num_attention_heads=4, hidden_size=64, kv_lora_rank=48, qk_rope_head_dim=16)
 conv = C["llama_mla"](cfg, cfg)
 assert conv.is_deepseek_mla() and conv.get_head_size() == 64
-# the CPU platform's config hook is wrapped once (chunked prefill and prefix caching kept for ours only)
+# the CPU platform's config hook is wrapped once (chunked prefill, prefix caching and block size kept for ours only)
 from types import SimpleNamespace
 from vllm.platforms import current_platform
 from vllm_transmla.serving.plugin import _serves_with_our_backend
 hook = type(current_platform).check_and_update_config.__func__
-assert hook._transmla_chunked_prefill
+assert hook._transmla_cpu_defaults
 inner = dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__)))["original"]
-assert not getattr(inner, "_transmla_chunked_prefill", False), "wrapped twice"
+assert not getattr(inner, "_transmla_cpu_defaults", False), "wrapped twice"
 assert _serves_with_our_backend(SimpleNamespace(architectures=["LlamaMLAForCausalLM"]))
 assert not _serves_with_our_backend(SimpleNamespace(architectures=["DeepseekV3ForCausalLM"]))
 print("OK")

@@ -111,7 +111,8 @@ def test_preemption_keeps_outputs(tiny_sources, exact_converted, prompts):
     reference = hf_greedy(tiny_sources["llama-rope3"], many[::2], max_tokens)
     latent_bytes_per_block = 128 * 4 * 2 * 16  # latent 128 x fp32 x 2 layers x 16 tokens
     result = run_vllm({"model": str(exact_converted["llama-rope3"]), "prompts": many, "max_tokens": max_tokens,
-                       "kv_cache_memory_bytes": 14 * latent_bytes_per_block, "max_model_len": 128})
+                       "kv_cache_memory_bytes": 14 * latent_bytes_per_block, "max_model_len": 128,
+                       "block_size": 16})
     assert result["num_gpu_blocks"] * result["block_size"] < sum(len(p) + max_tokens for p in many)
     assert result["num_preemptions"] > 0
     for i, out in enumerate(result["outputs"]):

@@ -62,9 +62,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 6016])
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--block-size", type=int, default=128,
+                        help="tokens per cache block (vLLM's CPU default, which the plugin keeps for our models)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("kernel_ab.json")))
     args = parser.parse_args()
-    rank, width, block = 512, 576, 16
+    rank, width, block = 512, 576, args.block_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -99,7 +101,7 @@ def main() -> None:
                     rows.append(row)
                     print(row, flush=True)
     result = {"base": f"{args.base} ({revision(args.base)})", "current": revision("HEAD"),
-              "threads": torch.get_num_threads(), "rounds": args.rounds, "runs": rows}
+              "threads": torch.get_num_threads(), "rounds": args.rounds, "block_size": block, "runs": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

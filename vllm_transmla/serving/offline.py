@@ -28,7 +28,7 @@ def run(job: dict) -> dict:
                        disable_log_stats=False)
     if job.get("kv_cache_memory_bytes"):
         engine_args["kv_cache_memory_bytes"] = job["kv_cache_memory_bytes"]
-    for key in ("enable_chunked_prefill", "enable_prefix_caching", "max_num_batched_tokens"):
+    for key in ("enable_chunked_prefill", "enable_prefix_caching", "max_num_batched_tokens", "block_size"):
         if key in job:  # else vLLM's defaults
             engine_args[key] = job[key]
     llm = LLM(**engine_args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..registry import families, target_architectures
 
 MODELS_MODULE = "vllm_transmla.serving.models"
+CPU_DEFAULT_BLOCK_SIZE = 128  # what vLLM's CPU platform gives every model it does not force to 16
 
 
 def register_vllm() -> None:
@@ -24,15 +25,18 @@ def register_vllm() -> None:
     for spec in families().values():
         convertors.MODEL_ARCH_CONFIG_CONVERTORS[spec.target_model_type] = TransMLAArchConfigConvertor
     install_checkpoint_check()
-    keep_chunked_prefill_on_cpu()
+    keep_cpu_defaults_for_our_models()
 
 
-def keep_chunked_prefill_on_cpu() -> None:
-    """Give our models on CPU the chunked prefill and prefix caching vLLM gives every other model there.
+def keep_cpu_defaults_for_our_models() -> None:
+    """Give our models on CPU the chunked prefill, prefix caching and block size vLLM gives every other model.
 
-    vLLM's CPU platform turns both off for every MLA model, because its stock CPU MLA path lacks the
-    attention over cached context they need. Our backend has it (`LatentPrefillBackend.run_prefill_context_chunk`),
-    so for our architectures the settings the user (or vLLM's defaults) chose before the platform's
+    vLLM's CPU platform turns chunked prefill and prefix caching off for every MLA model, because its stock
+    CPU MLA path lacks the attention over cached context they need, and forces 16-token blocks, the only
+    size its stock MLA decode kernel compiles for. Our backend has the context attention
+    (`LatentPrefillBackend.run_prefill_context_chunk`) and takes any block size; with the CPU default of
+    128 each 64-token tile of the decode kernel lies in one block, which an fp32 cache then reads in place.
+    So for our architectures the settings the user (or vLLM's defaults) chose before the platform's
     override are put back. Wraps the platform's `check_and_update_config` once; other models pass
     straight through."""
     from vllm.platforms import current_platform
@@ -41,17 +45,19 @@ def keep_chunked_prefill_on_cpu() -> None:
         return
     platform_cls = type(current_platform)
     original = platform_cls.check_and_update_config  # bound to the class
-    if getattr(original, "_transmla_chunked_prefill", False):
+    if getattr(original, "_transmla_cpu_defaults", False):
         return
 
     def check_and_update_config(cls, vllm_config) -> None:
         scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
         asked = (scheduler.enable_chunked_prefill, scheduler.max_num_batched_tokens, cache.enable_prefix_caching)
+        asked_block = cache.block_size if cache.user_specified_block_size else CPU_DEFAULT_BLOCK_SIZE
         original(vllm_config)
         if _serves_with_our_backend(vllm_config.model_config):
             scheduler.enable_chunked_prefill, scheduler.max_num_batched_tokens, cache.enable_prefix_caching = asked
+            cache.block_size = asked_block
 
-    check_and_update_config._transmla_chunked_prefill = True
+    check_and_update_config._transmla_cpu_defaults = True
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
