@@ -45,7 +45,7 @@ def _reference_decode(q, latents, scale, rank):
     return torch.stack(out)
 
 
-def _choose_path(path: str, monkeypatch) -> None:
+def _choose_path(path: str, monkeypatch, block_size: int = BLOCK) -> None:
     from vllm_transmla.serving import backend, cpu_kernel
 
     if path == "fused":
@@ -56,7 +56,7 @@ def _choose_path(path: str, monkeypatch) -> None:
     if path in ("per-sequence", "chunked"):
         monkeypatch.setattr(backend, "BATCHED_DECODE_BYTES", 0)
     if path == "chunked":  # chunks of 2 blocks: sequences of 1-5 chunks, a partial last one included
-        monkeypatch.setattr(backend, "DECODE_CHUNK_TOKENS", 2 * BLOCK)
+        monkeypatch.setattr(backend, "DECODE_CHUNK_TOKENS", 2 * block_size)
 
 
 DECODE_PATHS = ["fused", "batched", "per-sequence", "chunked"]
@@ -72,9 +72,7 @@ def test_decode_matches_sdpa(heads, rank, rope, block_size, path, monkeypatch):
     Block sizes: 16 (vLLM's stock CPU MLA size; the kernel copies each tile's rows), 128 (vLLM's CPU
     default; an fp32 tile lies in one block and is read in place) and 96 (some tiles in place, some across
     two blocks and copied)."""
-    _choose_path(path, monkeypatch)
-    if path == "chunked":
-        monkeypatch.setattr("vllm_transmla.serving.backend.DECODE_CHUNK_TOKENS", 2 * block_size)
+    _choose_path(path, monkeypatch, block_size)
     torch.manual_seed(heads)
     for seq_lens in ([1, 15, 16, 17, 90], [33, 2], [1100, 512, 513]):  # the kernel splits at 512 tokens
         latents = [torch.randn(n, rank + rope) for n in seq_lens]

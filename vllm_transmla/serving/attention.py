@@ -65,7 +65,7 @@ class LatentAttention(nn.Module):
                                    rope_parameters=block_rope_parameters(config))
         # Selected-frequency layout: the source's rotary (head_dim wide) gives every frequency; each rope
         # pair picks its own. Its [max_pos, D] (cos | sin) columns are picked once here: indexing them by a
-        # Python list on every step cost ~0.15 ms a layer. Not persistent: it is not a checkpoint weight.
+        # Python list on every step cost ~0.3 ms a layer. Not persistent: it is not a checkpoint weight.
         pair_cos_sin = (select_pair_cos_sin(self.rotary_emb.cos_sin_cache, list(layout.rope_pair_freqs))
                         if layout.rope_pair_freqs is not None else None)
         self.register_buffer("pair_cos_sin", pair_cos_sin, persistent=False)

@@ -7,9 +7,9 @@
  * Why a kernel: in torch the decode is gather blocks -> convert to fp32 -> [H x W] @ [W x S] ->
  * softmax -> [H x S] @ [S x R], each pass through memory, and the 16-row GEMMs run at 40-55% of the
  * matmul peak (benchmarks/speed/decode_step.py). Here every tile of TILE tokens is converted once into
- * an L2-resident fp32 block (or, fp32 rows that lie in one cache block, read where they are), both
- * products run from registers (4 heads x 3 tokens and 4 heads x
- * 24 dims accumulators, 4 x 2 blocks for the remainders), and the softmax is online (flash-decoding)
+ * an L2-resident fp32 block (fp32 rows that lie in one cache block are read where they are), both
+ * products run from registers (4 heads x 3 tokens and 4 heads x 24 dims accumulators, 4 x 2 blocks for
+ * the remainders), and the softmax is online (flash-decoding)
  * so nothing sequence-sized is written. Work items are (sequence, SPLIT-token range), run on torch's
  * own OpenMP pool; their partial results are merged in a fixed order, so a sequence's output does not
  * depend on the rest of the batch.
@@ -175,7 +175,8 @@ int latent_decode(const float *q, const void *cache, int dtype, int block_size, 
     if (rp > wp) return 1;
     size_t elem = dtype == DT_F32 ? 4 : 2, row_bytes = (size_t)width * elem;
     /* fp32 rows of a width the register blocks can walk are used in place when a tile lies in one block
-     * (vLLM's CPU default of 128-token blocks): no copy into the tile, 8-10% of the kernel at 8 x 4K. */
+     * (vLLM's CPU default of 128-token blocks): no copy into the tile, 1.09-1.26x on the kernel at batch 8
+     * (benchmarks/speed/kernel_ab_in_place.json). */
     int in_place = dtype == DT_F32 && wp == width;
     long items = 0;
     for (int b = 0; b < batch; b++) items += seq_lens[b] > 0 ? (seq_lens[b] + SPLIT - 1) / SPLIT : 1;
