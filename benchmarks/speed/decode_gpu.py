@@ -9,10 +9,13 @@ This is the kernel-level half of the issue's GPU run, for machines that have tor
 * original: `F.scaled_dot_product_attention` (flash) for one query token over [B, n_kv, S, d] K and V;
 * MLA, absorbed: scores = q [B, H, R + D] . latent [B, S, R + D], softmax in fp32, out = p . latent[..., :R]
   (two batched GEMMs, the latent read twice) - the plain-torch form of the absorbed decode;
-* MLA, Triton: one flash-decoding kernel (`latent_decode_triton`) that reads each latent tile once for
+* MLA, Triton: one flash-decoding kernel (`_triton_decode`) that reads each latent tile once for
   both the scores and the values, with split-K over the context.
 
-    python benchmarks/speed/decode_gpu.py --out decode_gpu.json
+`--cuda-graphs` times graph replays (as vLLM runs its GPU decode), `--autotune` lets each (batch,
+context) pick the kernel's launch settings.
+
+    python benchmarks/speed/decode_gpu.py --cuda-graphs --autotune --out decode_gpu.json
 """
 
 from __future__ import annotations
@@ -42,6 +45,27 @@ def timed(fn, repeat: int = 20, warmup: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def replayed(fn):
+    """fn captured in a CUDA graph, as vLLM captures its decode steps: a replay is one launch, so the
+    per-kernel launch cost (~100 us floor at short contexts) drops out on both sides. Returns a function
+    that replays the graph and gives its (static) output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile Triton and settle the allocator outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
 def device_peaks() -> dict:
     """bf16 matmul FLOP/s and HBM read bandwidth, measured now."""
     n = 8192
@@ -58,13 +82,24 @@ def latent_decode_torch(q: torch.Tensor, latent: torch.Tensor, scale: float, ran
     return torch.bmm(scores.softmax(-1).to(latent.dtype), latent[..., :rank])
 
 
-def _triton_decode():
+def _triton_configs(heads: int) -> list:
+    """The launch settings `--autotune` tries: query heads per program (each program reads its latent
+    tiles once for all of them), tokens per tile, warps and pipeline stages."""
+    import triton
+
+    return [triton.Config({"HB": hb, "TILE": tile}, num_warps=warps, num_stages=stages)
+            for hb in (16, 32) if hb <= heads and heads % hb == 0
+            for tile in (32, 64, 128) for warps in (4, 8) for stages in (2, 3)]
+
+
+def _triton_decode(heads: int, autotune: bool, max_split: int = 2048):
+    """A flash-decoding kernel over the latent; with autotune, each (batch, context) picks its fastest
+    launch settings once (recorded by `best_config`)."""
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def split_kernel(q_ptr, kv_ptr, out_ptr, lse_ptr, S, scale, H: tl.constexpr, R: tl.constexpr,
-                     D: tl.constexpr, SPLIT: tl.constexpr, TILE: tl.constexpr, HB: tl.constexpr):
+    def split_kernel(q_ptr, kv_ptr, out_ptr, lse_ptr, B, S, SPLIT, scale, H: tl.constexpr, R: tl.constexpr,
+                     D: tl.constexpr, TILE: tl.constexpr, HB: tl.constexpr):
         # one program: one sequence, HB query heads, one SPLIT-token range; the latent tile is loaded
         # once and used for the scores (over R + D) and the values (over R)
         b, hb, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -96,24 +131,36 @@ def _triton_decode():
         tl.store(o, acc / denom[:, None])
         tl.store(lse_ptr + (b * H + heads) * n_split + sp, m + tl.log(denom))
 
+    kernel = triton.jit(split_kernel)
+    if autotune:
+        # B and S are the key: the grid, and so the best settings, change with batch and context
+        kernel = triton.autotune(_triton_configs(heads), key=["B", "S"])(kernel)
+    fixed = {"HB": min(heads, 16), "TILE": 64, "num_warps": 8, "num_stages": 2}  # the settings before --autotune
+
     def run(q: torch.Tensor, latent: torch.Tensor, scale: float, rank: int) -> torch.Tensor:
         batch, heads, width = q.shape
         seq = latent.shape[1]
-        # enough programs to fill the GPU twice over (small batches, short contexts), at most 1024 tokens
-        # each so long contexts keep few partials to merge
-        split = 1024
+        # enough programs to fill the GPU twice over (small batches, short contexts), at most max_split
+        # tokens each so long contexts keep few partials to merge
+        split = max_split
         while split > 128 and batch * math.ceil(seq / split) < 2 * sms:
             split //= 2
         n_split = math.ceil(seq / split)
         part = torch.empty(batch, heads, n_split, rank, device=q.device, dtype=torch.float32)
         lse = torch.empty(batch, heads, n_split, device=q.device, dtype=torch.float32)
-        hb = min(heads, 16)
-        split_kernel[(batch, heads // hb, n_split)](q, latent, part, lse, seq, scale, H=heads, R=rank,
-                                                    D=width - rank, SPLIT=split, TILE=64, HB=hb,
-                                                    num_warps=8, num_stages=2)
+        grid = lambda meta: (batch, heads // meta["HB"], n_split)  # noqa: E731
+        settings = {} if autotune else fixed
+        kernel[grid](q, latent, part, lse, batch, seq, split, scale, H=heads, R=rank, D=width - rank, **settings)
         weight = torch.softmax(lse, -1)  # merge the splits by their log-sum-exp
         return (part * weight[..., None]).sum(2).to(q.dtype)
 
+    def settings() -> dict:
+        if not autotune:
+            return fixed
+        best = kernel.best_config
+        return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+
+    run.settings = settings
     sms = torch.cuda.get_device_properties(0).multi_processor_count  # read once: the call costs ~50 us
     return run
 
@@ -126,9 +173,12 @@ def measure(batch: int, context: int, args, peaks: dict, triton_decode) -> dict:
     q = torch.randn(batch, args.heads, width, **kw)
     latent = torch.randn(batch, context, width, **kw) * 0.5
     scale = (128 + args.rope) ** -0.5
+    wrap = replayed if args.cuda_graphs else (lambda fn: fn)
+    triton_mla = wrap(lambda: triton_decode(q, latent, scale, args.rank))
     reference = latent_decode_torch(q.float(), latent.float(), scale, args.rank)
-    error = (triton_decode(q, latent, scale, args.rank).float() - reference).abs().max().item()
+    error = (triton_mla().float() - reference).abs().max().item()
     assert error < 2e-2, f"Triton latent decode differs from the fp32 reference by {error}"
+    del reference
     mla_bytes = batch * context * width * 2
     mla_flops = 2 * batch * args.heads * context * (width + args.rank)
     qh = torch.randn(batch, args.heads, 1, args.head_dim, **kw)
@@ -136,13 +186,15 @@ def measure(batch: int, context: int, args, peaks: dict, triton_decode) -> dict:
     v = torch.randn_like(k)
     gqa = args.heads != args.kv_heads
     cases = {
-        "original (SDPA flash)": (lambda: F.scaled_dot_product_attention(qh, k, v, enable_gqa=gqa),
+        "original (SDPA flash)": (wrap(lambda: F.scaled_dot_product_attention(qh, k, v, enable_gqa=gqa)),
                                   4 * batch * args.heads * context * args.head_dim,
                                   2 * batch * context * args.kv_heads * args.head_dim * 2),
-        "MLA absorbed (torch bmm)": (lambda: latent_decode_torch(q, latent, scale, args.rank), mla_flops, mla_bytes),
-        "MLA absorbed (Triton)": (lambda: triton_decode(q, latent, scale, args.rank), mla_flops, mla_bytes),
+        "MLA absorbed (torch bmm)": (wrap(lambda: latent_decode_torch(q, latent, scale, args.rank)), mla_flops,
+                                     mla_bytes),
+        "MLA absorbed (Triton)": (triton_mla, mla_flops, mla_bytes),
     }
-    row = {"batch": batch, "context": context, "triton_max_abs_error": error}
+    row = {"batch": batch, "context": context, "triton_max_abs_error": error,
+           "triton_settings": triton_decode.settings()}
     for name, (fn, flops, nbytes) in cases.items():
         seconds = timed(fn)
         roofline = max(flops / peaks["bf16_matmul_flops"], nbytes / peaks["read_bytes_per_s"])
@@ -164,12 +216,19 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--rank", type=int, default=512)
     parser.add_argument("--rope", type=int, default=64)
+    parser.add_argument("--autotune", action="store_true",
+                        help="let each (batch, context) pick the Triton kernel's heads per program, tile, "
+                             "warps and stages (default: 16 heads, 64-token tiles, 8 warps, 2 stages)")
+    parser.add_argument("--max-split", type=int, default=2048,
+                        help="most context tokens one Triton program covers (fewer partials to merge)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time CUDA-graph replays of every case (as vLLM's decode runs), not eager launches")
     parser.add_argument("--out", default=str(Path(__file__).with_name("decode_gpu.json")))
     args = parser.parse_args()
     assert torch.cuda.is_available(), "decode_gpu.py needs a CUDA GPU"
     peaks = device_peaks()
     print(json.dumps(peaks), flush=True)
-    triton_decode = _triton_decode()
+    triton_decode = _triton_decode(args.heads, args.autotune, args.max_split)
     bytes_ratio = 2 * args.kv_heads * args.head_dim / (args.rank + args.rope)
     runs = []
     for batch in args.batches:
@@ -198,7 +257,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode step speedup over the original")
-    ax.set_title(result["peaks"]["device"])
+    shape = result["shape"]
+    ax.set_title(f"{result['peaks']['device']}: {shape['heads']} heads x {shape['head_dim']}, "
+                 f"{shape['kv_heads']} KV heads", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
