@@ -250,7 +250,8 @@ TRITON_CHECK = r"""
 import torch, triton, triton.language as tl
 import vllm.triton_utils as tu
 tu.triton, tu.tl, tu.HAS_TRITON = triton, tl, True  # vLLM disables Triton on CPU builds; interpret it
-from vllm_transmla.serving.backend import paged_latent_decode, triton_latent_decode
+from vllm_transmla.serving.backend import paged_latent_decode
+from vllm_transmla.serving.triton_decode import triton_latent_decode
 torch.manual_seed(0)
 worst = 0.0
 for heads, rank, rope in [(4, 64, 16), (16, 48, 16), (2, 512, 64)]:

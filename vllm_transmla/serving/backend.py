@@ -39,6 +39,7 @@ from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
 from vllm.v1.attention.backends.mla.prefill.base import MLAPrefillBackend
 
 from vllm_transmla.serving import cpu_kernel
+from vllm_transmla.serving.triton_decode import triton_latent_decode
 
 
 @dataclass
@@ -216,23 +217,6 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def _native_half_matmul() -> bool:
     # torch's CPU capability: "AVX512" (or an AMX/BF16 build) has native 16-bit dot products; "AVX2" not.
     return "AVX512" in torch.backends.cpu.get_cpu_capability()
-
-
-def triton_latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float, kv_lora_rank: int,
-                         num_kv_splits: int = 4) -> torch.Tensor:
-    """The same as `paged_latent_decode` with vLLM's Triton MLA decode kernel (no head-size list of
-    its own): the CUDA path. Runs on CPU tensors under TRITON_INTERPRET=1 for testing."""
-    from vllm.v1.attention.ops.triton_decode_attention import decode_attention_fwd
-
-    batch, heads = q.shape[:2]
-    out = q.new_zeros(batch, heads, kv_lora_rank)
-    lse = q.new_zeros(batch, heads)
-    partial = torch.empty(batch, heads, num_kv_splits, kv_lora_rank + 1, dtype=torch.float32, device=q.device)
-    cache = kv_cache.unsqueeze(2)  # [blocks, block_size, 1, R + D]
-    decode_attention_fwd(q.contiguous(), cache, cache[..., :kv_lora_rank], out, lse, block_table, seq_lens,
-                         partial, num_kv_splits, scale, kv_cache.shape[1], is_mla=True)
-    return out
 
 
 class LatentMLAImpl(CPUMLAImpl):
