@@ -13,36 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from paged_latent import paged_cache, reference_decode
+
 from vllm_transmla.serving.backend import LatentPrefillBackend, paged_latent_decode, per_token_rows
 
 BLOCK = 16
-
-
-def _paged_cache(seq_latents: list[torch.Tensor], num_blocks: int, seed: int = 0, block_size: int = BLOCK):
-    """Write each sequence's latents [S, R + D] into randomly chosen (shuffled) blocks."""
-    gen = torch.Generator().manual_seed(seed)
-    width = seq_latents[0].shape[-1]
-    cache = torch.randn(num_blocks, block_size, width, generator=gen)  # garbage where nothing was written
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    max_blocks = max((s.shape[0] + block_size - 1) // block_size for s in seq_latents)
-    table = torch.zeros(len(seq_latents), max_blocks, dtype=torch.int32)
-    for i, latents in enumerate(seq_latents):
-        for j in range((latents.shape[0] + block_size - 1) // block_size):
-            block = order.pop()
-            table[i, j] = block
-            chunk = latents[j * block_size:(j + 1) * block_size]
-            cache[block, :chunk.shape[0]] = chunk
-    return cache, table
-
-
-def _reference_decode(q, latents, scale, rank):
-    """fp32 SDPA of one query token per sequence over its latents (MQA: one shared latent head)."""
-    out = []
-    for qi, lat in zip(q, latents):  # qi [H, R + D], lat [S, R + D]
-        heads = qi.shape[0]
-        k, v = lat.expand(heads, -1, -1), lat[:, :rank].expand(heads, -1, -1)  # [H, S, *]
-        out.append(F.scaled_dot_product_attention(qi.unsqueeze(1), k, v, scale=scale)[:, 0])
-    return torch.stack(out)
 
 
 def _choose_path(path: str, monkeypatch, block_size: int = BLOCK) -> None:
@@ -76,11 +51,11 @@ def test_decode_matches_sdpa(heads, rank, rope, block_size, path, monkeypatch):
     torch.manual_seed(heads)
     for seq_lens in ([1, 15, 16, 17, 90], [33, 2], [1100, 512, 513]):  # the kernel splits at 512 tokens
         latents = [torch.randn(n, rank + rope) for n in seq_lens]
-        cache, table = _paged_cache(latents, num_blocks=160 * BLOCK // block_size + 8, block_size=block_size)
+        cache, table = paged_cache(latents, num_blocks=160 * BLOCK // block_size + 8, block_size=block_size)
         q = torch.randn(len(seq_lens), heads, rank + rope)
         scale = (rank + rope) ** -0.5
         got = paged_latent_decode(q, cache, table, torch.tensor(seq_lens), scale, rank)
-        want = _reference_decode(q, latents, scale, rank)
+        want = reference_decode(q, latents, scale, rank)
         assert (got - want).abs().max().item() < 1e-5
 
 
@@ -92,11 +67,11 @@ def test_bf16_decode_matches_fp32(path, monkeypatch):
     torch.manual_seed(7)
     seq_lens = [5, 40, 77]
     latents = [torch.randn(n, 80).bfloat16().float() for n in seq_lens]
-    cache, table = _paged_cache(latents, num_blocks=30)
+    cache, table = paged_cache(latents, num_blocks=30)
     q = torch.randn(3, 4, 80).bfloat16()
     got = paged_latent_decode(q, cache.bfloat16(), table, torch.tensor(seq_lens), 0.1, 64)
     assert got.dtype == torch.bfloat16
-    want = _reference_decode(q.float(), latents, 0.1, 64)
+    want = reference_decode(q.float(), latents, 0.1, 64)
     assert (got.float() - want).abs().max().item() < 2e-2
 
 
@@ -108,12 +83,12 @@ def test_fused_kernel_is_batch_and_head_invariant(monkeypatch):
     torch.manual_seed(11)
     seq_lens = [3, 600, 31, 1030, 77]
     latents = [torch.randn(n, 100) for n in seq_lens]
-    cache32, table = _paged_cache(latents, num_blocks=200)
+    cache32, table = paged_cache(latents, num_blocks=200)
     q = torch.randn(len(seq_lens), 12, 100)
     for cache in (cache32, cache32.bfloat16(), cache32.half()):
         batch = paged_latent_decode(q, cache, table, torch.tensor(seq_lens), 0.1, 84)
         assert batch.dtype == cache.dtype
-        want = _reference_decode(q.to(cache.dtype).float(), [x.to(cache.dtype).float() for x in latents], 0.1, 84)
+        want = reference_decode(q.to(cache.dtype).float(), [x.to(cache.dtype).float() for x in latents], 0.1, 84)
         assert (batch.float() - want).abs().max().item() < (1e-5 if cache is cache32 else 2e-2)
         for i in range(len(seq_lens)):
             alone = paged_latent_decode(q[i:i + 1], cache, table[i:i + 1], torch.tensor(seq_lens[i:i + 1]), 0.1, 84)
@@ -122,7 +97,7 @@ def test_fused_kernel_is_batch_and_head_invariant(monkeypatch):
             part = paged_latent_decode(q[:, heads].contiguous(), cache, table, torch.tensor(seq_lens), 0.1, 84)
             assert torch.equal(part, batch[:, heads])
     # fp32 rows read in place (128-token blocks) give the bits of rows copied into the tile first (16).
-    wide_cache, wide_table = _paged_cache(latents, num_blocks=20, block_size=128)
+    wide_cache, wide_table = paged_cache(latents, num_blocks=20, block_size=128)
     copied = paged_latent_decode(q, cache32, table, torch.tensor(seq_lens), 0.1, 84)
     in_place = paged_latent_decode(q, wide_cache, wide_table, torch.tensor(seq_lens), 0.1, 84)
     assert torch.equal(in_place, copied)
@@ -151,7 +126,7 @@ def test_multi_token_decode_is_causal_attention(path, monkeypatch):
     heads, rank, rope, scale = 8, 64, 16, 0.15
     seq_lens, query_lens = [7, 40, 33, 70], [1, 3, 16, 5]
     latents = [torch.randn(n, rank + rope) for n in seq_lens]
-    cache, table = _paged_cache(latents, num_blocks=30)
+    cache, table = paged_cache(latents, num_blocks=30)
     q = torch.randn(sum(query_lens), heads, rank + rope)
     starts = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
     rows, lens = per_token_rows(starts, table, torch.tensor(seq_lens, dtype=torch.int32), q.shape[0])
@@ -192,7 +167,7 @@ def test_mixed_batch_matches_sdpa(heads):
 
     decode_lens, prefill_lens = [7, 33, 64], [5, 20]
     decode_lat = [torch.randn(n, rank + rope) for n in decode_lens]
-    cache, table = _paged_cache(decode_lat, num_blocks=30)
+    cache, table = paged_cache(decode_lat, num_blocks=30)
     dq_nope, dq_pe = torch.randn(3, heads, nope), torch.randn(3, heads, rope)
     q_latent = torch.cat([torch.einsum("bhd,hdr->bhr", dq_nope, w_uk), dq_pe], -1)
     decoded = torch.einsum("bhr,hdr->bhd", paged_latent_decode(q_latent, cache, table, torch.tensor(decode_lens),

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from paged_latent import paged_cache, reference_decode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,26 +26,17 @@ EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-11
 
 
 def paged_case(batch: int, heads: int, width: int, block_size: int, dtype: torch.dtype, seed: int):
-    """A shuffled paged cache with sequences of uneven lengths (one shorter than a block, one ending
-    exactly on a block boundary). -> q [B, H, W], cache [blocks, block_size, W], table, lens."""
+    """Sequences of uneven lengths (one shorter than a block, one ending exactly on a block boundary) in a
+    shuffled paged cache, their values rounded to `dtype`. -> q [B, H, W], latents (fp32 CPU, per row),
+    and the CUDA q, cache, table, lens."""
     gen = torch.Generator().manual_seed(seed)
-    lens = torch.tensor([1, block_size, 3 * block_size + 5, 700, 2049][:batch], dtype=torch.int32)
-    per_row = math.ceil(int(lens.max()) / block_size)
-    num_blocks = batch * per_row + 3
-    cache = torch.randn(num_blocks, block_size, width, generator=gen)
-    table = torch.randperm(num_blocks, generator=gen)[: batch * per_row].view(batch, per_row).int()
-    q = torch.randn(batch, heads, width, generator=gen)
-    return (q.to(dtype).cuda(), cache.to(dtype).cuda(), table.cuda(), lens.cuda())
-
-
-def reference_decode(q, cache, table, lens, scale: float, rank: int) -> torch.Tensor:
-    """fp32, one row at a time: gather the row's tokens from its blocks, then softmax(scale q.c) c[:, :R]."""
-    out = []
-    for b in range(q.shape[0]):
-        rows = cache[table[b].long()].reshape(-1, cache.shape[-1])[: int(lens[b])].float()
-        p = torch.softmax(q[b].float() @ rows.T * scale, dim=-1)
-        out.append(p @ rows[:, :rank])
-    return torch.stack(out)
+    lens = [1, block_size, 3 * block_size + 5, 700, 2049][:batch]
+    latents = [torch.randn(n, width, generator=gen).to(dtype).float() for n in lens]
+    q = torch.randn(batch, heads, width, generator=gen).to(dtype).float()
+    num_blocks = sum(math.ceil(n / block_size) for n in lens) + 3
+    cache, table = paged_cache(latents, num_blocks, seed=seed, block_size=block_size)
+    lens = torch.tensor(lens, dtype=torch.int32)
+    return q, latents, (q.to(dtype).cuda(), cache.to(dtype).cuda(), table.cuda(), lens.cuda())
 
 
 @pytest.mark.parametrize("block_size", [16, 64])
@@ -53,16 +45,15 @@ def reference_decode(q, cache, table, lens, scale: float, rank: int) -> torch.Te
 def test_triton_latent_decode_on_gpu_matches_fp32_reference(heads, rank, rope, dtype, block_size):
     from vllm_transmla.serving.triton_decode import triton_latent_decode
 
-    q, cache, table, lens = paged_case(5, heads, rank + rope, block_size, dtype, seed=heads * rank + rope)
+    q, latents, gpu_args = paged_case(5, heads, rank + rope, block_size, dtype, seed=heads * rank + rope)
     scale = (rank + rope) ** -0.5 * 2.0  # peaked enough that a wrong token or block would show
-    got = triton_latent_decode(q, cache, table, lens, scale, rank)
-    torch.cuda.synchronize()
+    got = triton_latent_decode(*gpu_args, scale, rank).cpu()
     assert got.shape == (5, heads, rank) and got.dtype == dtype
-    want = reference_decode(q, cache, table, lens, scale, rank)
+    want = reference_decode(q, latents, scale, rank)
     error = (got.float() - want).abs().max().item()
     # the output is an average of unit-variance values: errors of a few epsilon are rounding, a wrong
     # block, length or width is off by O(0.1-1)
     assert error < 16 * EPS[dtype], f"max |error| {error:.2e} for {heads} heads, {rank} + {rope}, {dtype}"
     # the one-token row sees only its first cached token: the output is that token's latent exactly
-    first = cache[table[0, 0].long(), 0, :rank].float()
+    first = latents[0][0, :rank]
     assert (got[0].float() - first).abs().max().item() < 4 * EPS[dtype] * first.abs().max().item()
