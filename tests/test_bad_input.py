@@ -15,7 +15,7 @@ import pytest
 
 from conftest import tree_digest
 from vllm_transmla.cli import main as cli_main
-from vllm_transmla.convert import pipeline
+from vllm_transmla.convert import layers, pipeline
 from vllm_transmla.tiny import build_tiny_model
 
 
@@ -125,14 +125,14 @@ def test_destination_inside_source(src, capsys):
 def test_interrupt_midway_leaves_nothing(src, tmp_path, monkeypatch):
     dst = tmp_path / "out"
     before = tree_digest(src)
-    real = pipeline._convert_layer_attention
+    real = layers.ExactLayers.convert
 
-    def interrupted(source, layer, attention_fn):
+    def interrupted(self, layer):
         if layer == 2:
             raise KeyboardInterrupt
-        return real(source, layer, attention_fn)
+        return real(self, layer)
 
-    monkeypatch.setattr(pipeline, "_convert_layer_attention", interrupted)
+    monkeypatch.setattr(layers.ExactLayers, "convert", interrupted)
     assert cli_main(["convert", str(src), str(dst), "--quiet"]) == 130
     assert not dst.exists() and not list(tmp_path.glob(".out.transmla-tmp-*"))
     assert tree_digest(src) == before

@@ -102,7 +102,8 @@ def test_shard_writer_streams_valid_safetensors(tmp_path):
 
     from safetensors.torch import load_file
 
-    from vllm_transmla.convert.checkpoint import INDEX_NAME, ShardWriter, read_safetensors_header
+    from vllm_transmla.checkpoint.safetensors_dir import INDEX_NAME, read_safetensors_header
+    from vllm_transmla.checkpoint.writer import ShardWriter
 
     gen = torch.Generator().manual_seed(0)
     tensors = {

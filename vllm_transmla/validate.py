@@ -29,7 +29,7 @@ def is_converted_config(raw: dict) -> bool:
 
 
 def _read_config(path: Path) -> dict:
-    from .convert.source import read_raw_config
+    from .checkpoint.config_json import read_raw_config
 
     return read_raw_config(path, what="checkpoint", expected="a checkpoint written by `transmla convert`",
                            fix="restore it from the conversion output")
@@ -97,7 +97,7 @@ def validate_converted_checkpoint(path: str | Path, check_tensors: bool = True) 
 
     import vllm_transmla  # noqa: F401  (our config classes)
 
-    from .convert.checkpoint import SourceCheckpoint
+    from .checkpoint.safetensors_dir import SafetensorsCheckpoint
 
     path = Path(path)
     raw = _read_config(path)
@@ -113,7 +113,7 @@ def validate_converted_checkpoint(path: str | Path, check_tensors: bool = True) 
                             f"with kv_lora_rank {config.kv_lora_rank} (must be their maximum): reconvert")
     if not check_tensors:
         return
-    checkpoint = SourceCheckpoint(path)  # checks shards, index and headers
+    checkpoint = SafetensorsCheckpoint(path)  # checks shards, index and headers
     expected = {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size)}
     if not getattr(config, "tie_word_embeddings", False):
         expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)

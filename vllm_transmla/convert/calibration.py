@@ -5,57 +5,49 @@ activations [num_sequences, seq_len, hidden] - a model larger than memory still 
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from importlib import resources
-from pathlib import Path
 
 import torch
 
 from ..errors import TransMLAError
+from ..text_files import iter_documents
 from .compress import LayerStats
+from .plan import Calibration
 from .source import Source
 
 # Proverbs and Mark (King James Version, public domain): never part of the held-out evaluation text.
 DEFAULT_CALIBRATION = "kjv_calibration.txt"
 
 
-def read_calibration_texts(files: list[str | Path] | None) -> tuple[list[str], list[str]]:
-    """Texts from plain-text or jsonl files (a "text" field per line); the shipped text by default."""
-    if not files:
-        return [resources.files("vllm_transmla.data").joinpath(DEFAULT_CALIBRATION).read_text()], [
-            f"vllm_transmla/data/{DEFAULT_CALIBRATION}"]
-    texts = []
-    for f in map(Path, files):
-        if not f.is_file():
-            raise TransMLAError(f"calibration file {f} does not exist: pass --calib with a text or jsonl file")
-        raw = f.read_text(errors="replace")
-        if f.suffix == ".jsonl":
-            try:
-                texts += [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise TransMLAError(f"{f} is not jsonl with a \"text\" field on every line ({err}): fix it "
-                                    f"or pass a plain-text file") from None
-        else:
-            texts.append(raw)
-    return texts, [str(f) for f in files]
-
-
-def calibration_tokens(source: Source, files, seq_len: int, max_tokens: int) -> tuple[torch.Tensor, list[str]]:
-    """[num_sequences, seq_len] token ids packed from the calibration texts, and the texts' names."""
-    from transformers import AutoTokenizer
-
+def calibration_tokens(source: Source, calibration: Calibration) -> tuple[torch.Tensor, list[str]]:
+    """[num_sequences, seq_len] token ids packed from the calibration texts (read and tokenized only as
+    far as `max_tokens` needs), and the texts' names."""
+    files = calibration.files
+    names = list(files) if files else [f"vllm_transmla/data/{DEFAULT_CALIBRATION}"]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-    except Exception as err:
+        tokenizer = source.tokenizer()
+    except Exception as err:  # noqa: BLE001  (whatever transformers raises, the tokenizer files are the cause)
         raise TransMLAError(f"cannot load the tokenizer of {source.path} ({str(err).splitlines()[0]}): "
                             f"compressed conversion tokenizes calibration text; add the tokenizer files") from None
-    texts, names = read_calibration_texts(files)
-    ids = [t for text in texts if text.strip() for t in tokenizer(text, add_special_tokens=False).input_ids]
+    if files:
+        texts = iter_documents(files, "calibration file", "--calib")
+    else:
+        texts = iter([resources.files("vllm_transmla.data").joinpath(DEFAULT_CALIBRATION).read_text()])
+    ids: list[int] = []
+    for text in texts:
+        if text.strip():
+            ids += tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) >= max(calibration.max_tokens, calibration.seq_len):
+            break
+    seq_len = calibration.seq_len
     if len(ids) < seq_len:
         raise TransMLAError(f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}: "
                             f"pass --calib with more text or a smaller --calib-seq-len")
-    n = min(len(ids), max_tokens) // seq_len
+    if calibration.max_tokens < seq_len:
+        raise TransMLAError(f"--calib-tokens {calibration.max_tokens} is less than one sequence of --calib-seq-len "
+                            f"{seq_len}: raise it or shorten the sequences")
+    n = min(len(ids), calibration.max_tokens) // seq_len
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len), names
 
 
@@ -154,7 +146,7 @@ class LayerByLayer:
         prefix = f"model.layers.{layer}."
         spec = self.source.family.calibration
         state = {}
-        for name in self.source.weights.names():
+        for name in self.source.tensor_names():
             if name.startswith(prefix):
                 local = name[len(prefix):]
                 for old, new in spec.get("rename", {}).items():

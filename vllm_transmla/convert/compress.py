@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TransMLAError
-from .geometry import GQAShape, MLAShape
+from .geometry import GQAShape
 
 CHUNK = 4096  # calibration tokens per float64 block
 
@@ -302,15 +302,6 @@ def check_q_lora_rank(gqa: GQAShape, rank: int, rope_dim: int) -> None:
                             f"and num_heads * (head_dim + qk_rope_dim)) for this model")
 
 
-def compressed_attention(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int, stats: LayerStats,
-                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bias=None, k_bias=None,
-                         v_bias=None, o_weight=None) -> dict[str, torch.Tensor]:
-    """MLA tensors of one layer: `analyse_layer` then `build_layer`."""
-    check_rank(gqa, rank, rope_dim)
-    basis = analyse_layer(gqa, rope_dim, freqfold, stats, o_weight)
-    return build_layer(gqa, basis, rank, q, k, v, q_bias, k_bias, v_bias)
-
-
 def rank_grid(uniform: int, max_rank: int) -> list[int]:
     """Candidate per-layer ranks around the uniform one: 1/2 .. 2x in quarter steps, rounded to a
     kernel-friendly multiple (8 where the rank allows, smaller for tiny ranks)."""
@@ -344,11 +335,3 @@ def check_rank(gqa: GQAShape, rank: int, rope_dim: int) -> None:
     if not 0 < rank <= max_rank:
         raise TransMLAError(f"--kv-lora-rank {rank} is out of range: it must be in 1..{max_rank} "
                             f"(2 * num_kv_heads * head_dim - qk_rope_dim) for this model")
-
-
-def compressed_mla_shape(gqa: GQAShape, rank: int, rope_dim: int, freqfold: int) -> MLAShape:
-    """The MLA shape of a compressed conversion; raises TransMLAError for illegal settings."""
-    plan = plan_rope(gqa, rope_dim, freqfold)
-    check_rank(gqa, rank, rope_dim)
-    return MLAShape(kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=gqa.head_dim,
-                    v_head_dim=gqa.head_dim, qk_rope_num_blocks=plan.blocks)

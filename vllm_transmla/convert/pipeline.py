@@ -1,8 +1,7 @@
-"""`transmla convert`: stream a source checkpoint layer by layer into an MLA checkpoint."""
+"""`transmla convert`: plan, then stream the source checkpoint layer by layer into an MLA checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -13,15 +12,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..checkpoint.atomic import atomic_directory, check_destination
+from ..checkpoint.writer import ShardWriter
 from ..errors import TransMLAError
 from ..hf.configuration import MLA_CONFIG_CLASSES, mla_kv_bytes_per_token
-from .checkpoint import ShardWriter
-from .exact import exact_attention, exact_mla_shape
 from .memory import return_large_blocks_to_the_system
-from .output import atomic_directory, check_destination, copy_side_files
+from .plan import ConversionPlan, ConvertOptions, plan_conversion
 from .source import Source, open_source
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def parse_size(text: str | int) -> int:
@@ -34,15 +34,20 @@ def parse_size(text: str | int) -> int:
     unit = (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
-    return int(float(m.group(1)) * base**power)
+    size = int(float(m.group(1)) * base**power)
+    if size < 1:
+        raise TransMLAError(f"size {text!r} must be at least one byte: write it like 2GB or 500MB")
+    return size
 
 
 def mla_config(source: Source, mla_shape, settings: dict):
-    """The converted checkpoint's config: the source's, plus the MLA shape and provenance."""
+    """The converted checkpoint's config: the source's, plus the MLA shape and provenance (the caller sets
+    `dtype` to the dtype the tensors are written in)."""
     family = source.family
     config_cls = MLA_CONFIG_CLASSES[family.target_model_type]
     fields = source.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
+    for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path",
+                "quantization_config", "dtype"):
         fields.pop(key, None)
     window_key = family.sliding_window.get("config_key")
     window = fields.pop(window_key, None) if window_key else None
@@ -63,6 +68,7 @@ def mla_config(source: Source, mla_shape, settings: dict):
             "source_model_type": source.raw_config.get("model_type"),
             "source_num_key_value_heads": source.gqa.num_kv_heads,
             "source_sliding_window": window,
+            **({"source_gguf_file": source.path.name} if source.is_gguf else {}),
             **settings,
         },
     )
@@ -76,182 +82,93 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _convert_layer_attention(source: Source, layer: int, attention_fn) -> dict[str, torch.Tensor]:
-    """The MLA tensors of one layer: `attention_fn(layer, q, k, v, q_bias, k_bias, v_bias)` + o_proj."""
-    fam, w = source.family, source.weights
-    get = lambda role, kind: (w.get(f"{fam.attn_name(role, layer)}.{kind}")  # noqa: E731
-                              if f"{fam.attn_name(role, layer)}.{kind}" in w else None)
-    tensors = attention_fn(layer, get("q_proj", "weight"), get("k_proj", "weight"), get("v_proj", "weight"),
-                           get("q_proj", "bias"), get("k_proj", "bias"), get("v_proj", "bias"))
-    prefix = f"model.layers.{layer}.self_attn."
-    out = {prefix + k: v for k, v in tensors.items()}
-    out[prefix + "o_proj.weight"] = get("o_proj", "weight")
-    if get("o_proj", "bias") is not None:
-        out[prefix + "o_proj.bias"] = get("o_proj", "bias")
-    return out
+def convert(src: str | Path, dst: str | Path, options: ConvertOptions | None = None, *, overwrite: bool = False,
+            max_shard_size: str | int = "2GB", progress: bool = True, **option_fields) -> Path:
+    """Convert the checkpoint at `src` (a safetensors directory or a GGUF file) into an MLA checkpoint at
+    `dst`; returns `dst`. `options` (or its fields as keywords: mode, kv_ratio, kv_lora_rank, ...) say
+    what to build; see ConvertOptions and `transmla convert --help`.
 
-
-def resolve_compression(gqa, kv_lora_rank=None, qk_rope_dim=None, kv_ratio=None, freqfold=None) -> dict:
-    """Compressed-mode settings with the reference's defaults (R = 512, D = 64) clamped to the model;
-    explicit values out of range are errors. Returns rank, rope_dim, freqfold and notes for the user."""
-    notes = []
-    width = 2 * gqa.kv_width
-    if qk_rope_dim is not None:
-        rope = qk_rope_dim
-    else:
-        # 64 as the reference, at most head_dim and at most half of a --kv-ratio budget; a legal width
-        # (even, dividing head_dim) so one rope block serves.
-        budget = int(round(kv_ratio * width)) if kv_ratio is not None else width
-        limit = min(64, gqa.head_dim, max(2, budget // 2))
-        rope = max(r for r in range(2, limit + 1, 2) if gqa.head_dim % r == 0)
-        if rope != 64:
-            notes.append(f"qk_rope_dim set to {rope} (64 needs head_dim >= 64 and room in the budget)")
-    if kv_ratio is not None:
-        if not 0 < kv_ratio <= 1:
-            raise TransMLAError(f"--kv-ratio {kv_ratio} must be in (0, 1]: "
-                                f"the fraction of the original KV cache to keep")
-        rank = int(round(kv_ratio * width)) - rope
-        if rank < 1:
-            raise TransMLAError(f"--kv-ratio {kv_ratio} leaves no latent beyond the {rope} rope dims: raise it")
-    elif kv_lora_rank is not None:
-        rank = kv_lora_rank
-    else:
-        rank = min(512, width - rope)
-        if rank != 512:
-            notes.append(f"kv_lora_rank clamped to 2 * num_kv_heads * head_dim - qk_rope_dim = {rank}")
-    if freqfold in ("auto", "select"):
-        fold = freqfold
-    elif freqfold is not None:
-        try:
-            fold = int(freqfold)
-        except (TypeError, ValueError):
-            raise TransMLAError(f"--freqfold {freqfold!r} must be a whole number, 'select' or 'auto'") from None
-    else:
-        fold = "select"  # exact frequencies per rope pair: measured better than any FreqFold (benchmarks/quality)
-    return {"kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold, "notes": notes}
-
-
-def convert(src: str | Path, dst: str | Path, mode: str | None = None, overwrite: bool = False,
-            max_shard_size: str | int = "2GB", progress: bool = True, kv_lora_rank: int | None = None,
-            qk_rope_dim: int | None = None, kv_ratio: float | None = None, freqfold: int | None = None,
-            calib: list[str] | None = None, calib_seq_len: int = 256, calib_tokens: int = 32768,
-            rank_allocation: str | None = None, q_lora_rank: int | None = None) -> Path:
-    """Convert the checkpoint at `src` into an MLA checkpoint at `dst`; returns `dst`.
-
-    mode "exact": same function, same cache. mode "compressed": RoRoPE + FreqFold + balanced K/V PCA to
-    a latent of kv_lora_rank + qk_rope_dim, calibrated on `calib` files (the shipped text by default).
-    freqfold "auto" picks the FreqFold with the least calibration attention error; rank_allocation
-    "measured" gives each layer its own rank (same total cache) by measured attention error (survey.py).
-    q_lora_rank factors the query projection through that many dims (principal query directions).
-    Reads one layer at a time; holds at most one layer, the calibration activations and one output shard.
+    mode "exact": same function, same cache. mode "compressed": RoRoPE + balanced K/V PCA to a latent of
+    kv_lora_rank + qk_rope_dim, calibrated on the `calib` files (the shipped text by default).
+    Reads one layer at a time; holds at most one layer, the calibration activations and one output tensor.
     """
+    if option_fields:
+        if options is not None:
+            raise TypeError("pass either options or its fields as keywords, not both")
+        if option_fields.get("calib"):
+            option_fields["calib"] = tuple(str(f) for f in option_fields["calib"])
+        options = ConvertOptions(**option_fields)
+    options = options or ConvertOptions()
     src, dst = Path(src), Path(dst)
-    compressing = any(v is not None for v in (kv_lora_rank, qk_rope_dim, kv_ratio, freqfold, rank_allocation,
-                                              q_lora_rank))
-    if rank_allocation not in (None, "uniform", "measured"):
-        raise TransMLAError(f"--rank-allocation {rank_allocation!r}: use 'uniform' (one rank for every layer) or "
-                            f"'measured' (per-layer ranks by calibration error, same total cache)")
-    mode = mode or ("compressed" if compressing else "exact")
-    if mode == "exact" and compressing:
-        raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation/--q-lora-rank need "
-                            "--mode compressed (exact mode keeps the full K and V)")
-    if mode not in ("exact", "compressed"):
-        raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
+    shard_bytes = parse_size(max_shard_size)
     source = open_source(src)
-    check_destination(src, dst, overwrite)
+    plan = plan_conversion(source.gqa, source.num_layers, options)
+    dst = check_destination(src, dst, overwrite)
+    for note in plan.notes:
+        print(f"transmla: {note}", file=sys.stderr)
     return_large_blocks_to_the_system()
-    pair_freqs = []  # selected-frequency layout: each layer's rope frequencies, for the config
-    if mode == "exact":
-        mla_shape, settings = exact_mla_shape(source.gqa), {"mode": mode}
-
-        def attention_fn(layer, q, k, v, qb, kb, vb):
-            return exact_attention(source.gqa, q, k, v, qb, kb, vb)
-    else:
-        from .calibration import LayerByLayer, calibration_tokens
-        from .compress import analyse_layer, build_layer, check_q_lora_rank, compressed_mla_shape
-        from .survey import freqfold_candidates, output_weight, survey
-
-        chosen = resolve_compression(source.gqa, kv_lora_rank, qk_rope_dim, kv_ratio, freqfold)
-        for note in chosen["notes"]:
-            print(f"transmla: {note}", file=sys.stderr)
-        rank, rope, fold = chosen["kv_lora_rank"], chosen["qk_rope_dim"], chosen["freqfold"]
-        # Illegal rope widths leave no candidate; the default fold then raises the precise error below.
-        candidates = freqfold_candidates(source.gqa, rope) if fold == "auto" else [fold]
-        candidates = candidates or [source.gqa.head_dim // rope]
-        compressed_mla_shape(source.gqa, rank, rope, candidates[0])  # validates the settings before any work
-        if q_lora_rank is not None:
-            check_q_lora_rank(source.gqa, q_lora_rank, rope)
-        tokens, calib_names = calibration_tokens(source, calib, calib_seq_len, calib_tokens)
-        settings = {"mode": mode, "kv_lora_rank": rank, "qk_rope_dim": rope, "freqfold": fold,
-                    "rank_allocation": rank_allocation or "uniform", "q_lora_rank": q_lora_rank,
-                    "calibration_files": calib_names,
-                    "calibration_tokens": int(tokens.numel()), "calibration_seq_len": calib_seq_len}
-        ranks = [rank] * source.num_layers
-        if fold == "auto" or rank_allocation == "measured":
-            report = survey(source, tokens, rank, rope, candidates,
-                            lambda shape: mla_config(source, shape, {"mode": mode}),
-                            per_layer_ranks=rank_allocation == "measured", progress=progress)
-            if fold == "auto":
-                fold = report.best_freqfold()
-                errors = {str(f): round(report.uniform_error(f), 4) for f in report.errors}
-                settings.update(freqfold=fold, freqfold_auto_errors=errors)
-                print(f"transmla: --freqfold auto chose {fold} (summed attention error per FreqFold: {errors})",
-                      file=sys.stderr)
-            if rank_allocation == "measured":
-                ranks = report.ranks(fold)
-                settings.update(kv_lora_ranks=ranks, calibration_error={
-                    "uniform": round(report.uniform_error(fold), 6), "per_layer": round(report.error(fold, ranks), 6)})
-        mla_shape = compressed_mla_shape(source.gqa, max(ranks), rope, fold)
-        if rank_allocation == "measured":
-            mla_shape = dataclasses.replace(mla_shape, kv_lora_ranks=tuple(ranks))
-        mla_shape = dataclasses.replace(mla_shape, q_lora_rank=q_lora_rank)
-        runner = LayerByLayer(source, tokens)
-
-
-        def attention_fn(layer, q, k, v, qb, kb, vb):
-            stats = runner.stats(layer, input_cov=q_lora_rank is not None)
-            basis = analyse_layer(source.gqa, rope, fold, stats, output_weight(source, layer))
-            pair_freqs.append(basis.pair_freqs)
-            tensors = build_layer(source.gqa, basis, ranks[layer], q, k, v, qb, kb, vb, q_lora_rank, stats.input_cov)
-            del stats
-            runner.advance(layer)
-            return tensors
-    config = mla_config(source, mla_shape, settings)
+    layers, plan = _layer_converter(source, plan, progress)
+    config = mla_config(source, plan.mla_shape(), plan.settings())
     window = config.transmla["source_sliding_window"]
     if window:
         print(f"transmla: the source uses a sliding window of {window} tokens; the MLA model attends to the "
               f"whole context, which is the same function for sequences up to {window} tokens", file=sys.stderr)
+    with atomic_directory(dst, overwrite) as tmp:
+        dtype = _write_tensors(source, layers, ShardWriter(tmp, shard_bytes), progress)
+        if any(f is not None for f in layers.pair_freqs):
+            config.qk_rope_pair_freqs = layers.pair_freqs
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        source.write_side_files(tmp)
+    return dst
 
-    # Attention tensors are rebuilt; every other tensor is copied verbatim, layer by layer.
-    attn_prefixes = [source.family.attn_name(r, 0).split("layers.0.")[1]
-                     for r in ("q_proj", "k_proj", "v_proj", "o_proj")]
+
+def _layer_converter(source: Source, plan: ConversionPlan, progress: bool):
+    """The layer converter for `plan` (after the calibration survey, where the plan needs one)."""
+    from .layers import CompressedLayers, ExactLayers
+
+    if not plan.compressed:
+        return ExactLayers(source), plan
+    from .calibration import calibration_tokens
+
+    tokens, names = calibration_tokens(source, plan.calibration)
+    plan = plan.settled(plan.freqfold, plan.ranks, {"calibration_files": names,
+                                                    "calibration_tokens": int(tokens.numel())})
+    if plan.needs_survey:
+        from .survey import settle_with_survey
+
+        plan = settle_with_survey(source, plan, tokens, progress)
+    return CompressedLayers(source, plan, tokens), plan
+
+
+def _write_tensors(source: Source, layers, writer: ShardWriter, progress: bool) -> torch.dtype:
+    """Every tensor of the converted checkpoint: attention rebuilt by `layers`, the rest copied verbatim,
+    layer by layer. Returns the dtype of the attention tensors written."""
     by_layer: dict[int | None, list[str]] = {}
-    for name in source.weights.names():
+    for name in source.tensor_names():
         by_layer.setdefault(_layer_of(name), []).append(name)
     delay = float(os.environ.get("TRANSMLA_DEBUG_LAYER_DELAY", "0"))  # lets tests interrupt mid-way
-
-    with atomic_directory(dst, overwrite) as tmp:
-        writer = ShardWriter(tmp, parse_size(max_shard_size))
-        for name in sorted(by_layer.get(None, [])):
-            writer.add(name, source.weights.get(name))
-        for layer in tqdm(range(source.num_layers), desc="converting layers", unit="layer",
-                          disable=not progress):
-            for name, tensor in sorted(_convert_layer_attention(source, layer, attention_fn).items()):
-                writer.add(name, tensor)
-            for name in sorted(by_layer.get(layer, [])):
-                local = name.split(f"layers.{layer}.", 1)[1]
-                if not any(local.startswith(p + ".") for p in attn_prefixes):
-                    writer.add(name, source.weights.get(name))
-            source.weights.release()
-            if delay:
-                time.sleep(delay)
-        writer.finish()
-        if any(f is not None for f in pair_freqs):
-            config.qk_rope_pair_freqs = pair_freqs
-        config.dtype = source.config.dtype
-        config.save_pretrained(tmp)
-        copy_side_files(src, tmp)
-    return dst
+    for name in sorted(by_layer.get(None, [])):
+        writer.add(name, source.weights.get(name))
+    dtype = None
+    for layer in tqdm(range(source.num_layers), desc="converting layers", unit="layer", disable=not progress):
+        prefix = f"model.layers.{layer}.self_attn."
+        tensors = {prefix + k: v for k, v in layers.convert(layer).items()}
+        weights = source.attention_weights(layer)
+        tensors[prefix + "o_proj.weight"] = weights.o
+        if weights.o_bias is not None:
+            tensors[prefix + "o_proj.bias"] = weights.o_bias
+        dtype = tensors[prefix + "kv_b_proj.weight"].dtype
+        for name, tensor in sorted(tensors.items()):
+            writer.add(name, tensor)
+        rebuilt = source.attention_tensor_names(layer)
+        for name in sorted(by_layer.get(layer, [])):
+            if name not in rebuilt:
+                writer.add(name, source.weights.get(name))
+        if delay:
+            time.sleep(delay)
+    writer.finish()
+    return dtype
 
 
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
@@ -261,3 +178,18 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = 2 * (config.num_key_value_heads or config.num_attention_heads) * head_dim
     return width * dtype_bytes * config.num_hidden_layers
+
+
+def conversion_summary(dst: Path) -> str:
+    """One line: what was written and the KV cache per token before and after, in the checkpoint's dtype."""
+    from transformers import AutoConfig
+
+    import vllm_transmla  # noqa: F401  (our config classes)
+
+    cfg = AutoConfig.from_pretrained(dst)
+    dtype = str(cfg.dtype).removeprefix("torch.") if cfg.dtype is not None else "bfloat16"
+    width = DTYPE_BYTES.get(dtype, 2)
+    original = 2 * cfg.transmla["source_num_key_value_heads"] * cfg.head_dim * cfg.num_hidden_layers * width
+    return (f"wrote {dst} ({cfg.architectures[0]}, kv_lora_rank={cfg.kv_lora_rank}, qk_rope_head_dim="
+            f"{cfg.qk_rope_head_dim}); KV cache per token ({dtype}): {original} B -> "
+            f"{kv_bytes_per_token(cfg, width)} B")

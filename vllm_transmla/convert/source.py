@@ -1,56 +1,118 @@
-"""Opening and checking a source checkpoint before anything is written."""
+"""Opening and checking a source checkpoint (a safetensors directory or a GGUF file) before anything is
+written."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from ..checkpoint.atomic import copy_side_files
+from ..checkpoint.config_json import read_raw_config
+from ..checkpoint.gguf_file import GGUFCheckpoint, read_architecture
+from ..checkpoint.safetensors_dir import SafetensorsCheckpoint
 from ..errors import TransMLAError
 from ..registry import FamilySpec, family_for_source
-from .checkpoint import SourceCheckpoint
 from .geometry import GQAShape
 
-SUPPORTED_ROPE_SCALING_DOC = "default, linear, dynamic, llama3, yarn"
+# Tensors a source may carry that no model reads: pre-4.x transformers saved each layer's rotary
+# frequencies; they are recomputed from the config, and copied they would be attention tensors no MLA
+# config describes.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass
+class AttentionWeights:
+    """One decoder layer's source attention weights (as stored): q [H*d, hidden], k and v [n*d, hidden],
+    o [hidden, H*d], biases [rows] or None."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+
+    def float(self) -> "AttentionWeights":
+        return AttentionWeights(**{k: v.float() if v is not None else None for k, v in vars(self).items()})
 
 
 @dataclass
 class Source:
-    path: Path
+    path: Path  # the checkpoint directory, or the .gguf file
     raw_config: dict
     config: object  # transformers PreTrainedConfig
     family: FamilySpec
     gqa: GQAShape
-    weights: SourceCheckpoint
+    weights: SafetensorsCheckpoint | GGUFCheckpoint
 
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    @property
+    def is_gguf(self) -> bool:
+        return isinstance(self.weights, GGUFCheckpoint)
 
-def read_raw_config(path: Path, what: str = "source", expected: str = "a Hugging Face checkpoint directory",
-                    fix: str = "fix or re-download it") -> dict:
-    """config.json of the checkpoint directory `path` as a dict; errors name `what` the directory is, what
-    was `expected` there and how to `fix` a broken file."""
-    path = Path(path)
-    cfg_path = path / "config.json"
-    if not path.is_dir():
-        raise TransMLAError(f"{what} {path} is not a directory: "
-                            f"pass a checkpoint directory (config.json + *.safetensors)")
-    if not cfg_path.is_file():
-        raise TransMLAError(f"no config.json in {what} {path}: pass {expected}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TransMLAError(f"{cfg_path} is not valid JSON ({err}): {fix}") from None
-    if not isinstance(raw, dict):
-        raise TransMLAError(f"{cfg_path} is not a JSON object: {fix}")
-    return raw
+    def attention_weights(self, layer: int) -> AttentionWeights:
+        """The source attention weights of decoder layer `layer`, by role."""
+        def get(role, kind):
+            name = f"{self.family.attn_name(role, layer)}.{kind}"
+            return self.weights.get(name) if name in self.weights else None
+
+        return AttentionWeights(q=get("q_proj", "weight"), k=get("k_proj", "weight"), v=get("v_proj", "weight"),
+                                o=get("o_proj", "weight"), q_bias=get("q_proj", "bias"), k_bias=get("k_proj", "bias"),
+                                v_bias=get("v_proj", "bias"), o_bias=get("o_proj", "bias"))
+
+    def attention_tensor_names(self, layer: int) -> set[str]:
+        """Names of the source tensors `attention_weights(layer)` reads (rebuilt, never copied)."""
+        return {f"{self.family.attn_name(role, layer)}.{kind}" for role in ("q_proj", "k_proj", "v_proj", "o_proj")
+                for kind in ("weight", "bias")}
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor a model reads (ignored buffers left out)."""
+        return [n for n in self.weights.names() if not n.endswith(IGNORED_SUFFIXES)]
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        with _transformers_view(self.path) as (directory, gguf_file):
+            return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+
+    def write_side_files(self, dst: Path) -> None:
+        """Tokenizer, chat template and generation files beside the converted weights."""
+        if not self.is_gguf:
+            copy_side_files(self.path, dst)
+            return
+        self.tokenizer().save_pretrained(dst)  # the GGUF's vocabulary, merges, special tokens, chat template
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(self.config).save_pretrained(dst)
+
+
+@contextlib.contextmanager
+def _transformers_view(path: Path):
+    """(directory, gguf_file) for transformers' from_pretrained: a GGUF file is shown through a private
+    directory holding only a link to it, so transformers reads nothing beside the file the user named."""
+    if not path.is_file():
+        yield path, None
+        return
+    with tempfile.TemporaryDirectory(prefix="transmla-gguf-") as tmp:
+        os.symlink(path.resolve(), Path(tmp) / path.name)
+        yield tmp, path.name
 
 
 def open_source(path: Path) -> Source:
-    """Read config + shard headers and check that they agree; raises TransMLAError otherwise."""
+    """Read config + tensor headers and check that they agree; raises TransMLAError otherwise."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return _open_gguf(path)
     raw = read_raw_config(path)
     family = family_for_source(raw.get("architectures"), raw.get("model_type"))
     from transformers import AutoConfig
@@ -61,8 +123,41 @@ def open_source(path: Path) -> Source:
         raise TransMLAError(f"config.json in {path} is invalid ({str(err).splitlines()[0]}): "
                             f"fix the named key") from None
     _check_config(config, family)
-    weights = SourceCheckpoint(path)
+    weights = SafetensorsCheckpoint(path)
     source = Source(path, raw, config, family, GQAShape.from_config(config), weights)
+    check_weights_match_config(source)
+    return source
+
+
+def _open_gguf(path: Path) -> Source:
+    """A GGUF file as a source: transformers' GGUF config parser for the config (metadata only), our
+    reader for the tensors."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    try:
+        architecture = read_architecture(GGUFReader(path))
+    except TransMLAError:
+        raise
+    except Exception as err:  # noqa: BLE001  (any parse failure means a broken download)
+        raise TransMLAError(f"{path} is not a readable GGUF file ({type(err).__name__}): re-download it") from None
+    try:
+        with _transformers_view(path) as (directory, gguf_file):
+            config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    except Exception as err:  # noqa: BLE001
+        raise TransMLAError(f"transformers cannot read the configuration of {path} ({str(err).splitlines()[0]}): "
+                            f"convert the model's safetensors checkpoint instead") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the tensors are dequantized on reading
+    config.dtype = "float32"
+    raw = {"model_type": config.model_type, "gguf_architecture": architecture, "gguf_file": path.name}
+    family = family_for_source(None, config.model_type)
+    raw["architectures"] = [family.source_architectures[0]]
+    config.architectures = raw["architectures"]
+    _check_config(config, family)
+    gqa = GQAShape.from_config(config)
+    weights = GGUFCheckpoint(path, gqa.num_heads, gqa.num_kv_heads)
+    source = Source(path, raw, config, family, gqa, weights)
     check_weights_match_config(source)
     return source
 
@@ -117,14 +212,11 @@ def check_weights_match_config(source: Source) -> None:
                     f"config.json contradicts the weights: {bias} is {'present' if bias in w else 'absent'} "
                     f"but the config implies {'a' if wants_bias else 'no'} bias; fix attention_bias in config.json"
                 )
-    floating = {"F32", "F16", "BF16"}
-    for shard, header in w.headers.items():
-        odd = next(((n, h["dtype"]) for n, h in header.items() if n != "__metadata__" and h["dtype"] not in floating),
-                   None)
-        if odd:
-            raise TransMLAError(f"tensor {odd[0]} in {shard} has dtype {odd[1]}: vllm-transmla converts float32, "
-                                f"float16 and bfloat16 checkpoints; dequantize the model (or load and re-save it in "
-                                f"bfloat16) first")
+    odd = w.non_float_tensor()
+    if odd:
+        raise TransMLAError(f"tensor {odd[0]} in {odd[2]} has dtype {odd[1]}: vllm-transmla converts float32, "
+                            f"float16 and bfloat16 checkpoints; dequantize the model (or load and re-save it in "
+                            f"bfloat16) first")
     extra = f"model.layers.{source.num_layers}."
     if any(n.startswith(extra) for n in w.names()):
         raise TransMLAError(f"the weights have more layers than num_hidden_layers={source.num_layers}: "

@@ -1,14 +1,16 @@
 """A calibration pre-pass for the choices that need every layer before the first is written:
-`--freqfold auto` (the FreqFold with the least attention error over the model) and
+`--freqfold auto` (the rope layout with the least attention error over the model) and
 `--rank-allocation measured` (per-layer ranks under one KV budget).
 
 The pass streams the original layers like the conversion itself (one layer held at a time), over at
-most `SURVEY_TOKENS` calibration tokens. For each candidate FreqFold F, layer l and candidate rank r
+most `SURVEY_TOKENS` calibration tokens. For each candidate layout F, layer l and candidate rank r
 (the uniform one; with per-layer ranks, a grid around it) it measures the relative error of the layer's
 attention output (after o_proj) against the original attention on the same inputs:
     error_l(F, r) = |attn_mla(x) - attn(x)|^2 / |h|^2     over SURVEY_ERROR_SEQUENCES sequences,
-where h is the layer's input residual stream and x = input_layernorm(h).
-FreqFold auto takes the F with the least summed error at the uniform rank; per-layer ranks are the
+where h is the layer's input residual stream and x = input_layernorm(h). The compressed layers are
+built by the converter's own `analyse_layer` / `build_layer` and run by the transformers MLA attention
+(one module per layout and layer; a smaller rank is the largest one with zero-padded latent dims).
+FreqFold auto takes the layout with the least summed error at the uniform rank; per-layer ranks are the
 exact minimiser of the summed error under the uniform total (`allocate_ranks`). The ranks are chosen
 from measured errors rather than from the PCA spectra alone: allocating by each layer's spectral
 energy share was tried first and lost to uniform ranks at 12.5% of the cache on the reference model
@@ -17,8 +19,7 @@ energy share was tried first and lost to uniform ranks at 12.5% of the cache on 
 
 from __future__ import annotations
 
-import importlib
-import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ..errors import TransMLAError
 from .calibration import LayerByLayer
-from .compress import SELECT, allocate_ranks, analyse_layer, build_layer, compressed_mla_shape, plan_rope, rank_grid
+from .compress import SELECT, allocate_ranks, analyse_layer, build_layer, plan_rope, rank_grid
+from .plan import AUTO, ConversionPlan, compressed_mla_shape
 from .source import Source
 
 SURVEY_TOKENS = 8192
@@ -35,21 +37,21 @@ SURVEY_ERROR_SEQUENCES = 8
 
 @dataclass
 class Survey:
-    """Per candidate FreqFold and layer: the attention error at each candidate rank."""
+    """Per candidate layout and layer: the attention error at each candidate rank."""
 
     rank: int
-    errors: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # fold -> layer -> rank -> error
+    errors: dict = field(default_factory=dict)  # layout -> layer -> rank -> error
 
-    def best_freqfold(self) -> int:
+    def best_freqfold(self):
         return min(self.errors, key=self.uniform_error)  # ties: the first candidate
 
-    def uniform_error(self, freqfold: int) -> float:
+    def uniform_error(self, freqfold) -> float:
         return sum(layer[self.rank] for layer in self.errors[freqfold])
 
-    def error(self, freqfold: int, ranks: list[int]) -> float:
+    def error(self, freqfold, ranks: list[int]) -> float:
         return sum(layer[r] for layer, r in zip(self.errors[freqfold], ranks))
 
-    def ranks(self, freqfold: int) -> list[int]:
+    def ranks(self, freqfold) -> list[int]:
         layers = self.errors[freqfold]
         return allocate_ranks(layers, total=self.rank * len(layers))
 
@@ -67,83 +69,112 @@ def freqfold_candidates(gqa, rope_dim: int) -> list:
     return legal
 
 
-def survey(source: Source, tokens: torch.Tensor, rank: int, rope_dim: int, folds: list[int],
-           mla_config_for, per_layer_ranks: bool, progress: bool = True) -> Survey:
-    """Run the pre-pass; `mla_config_for(mla_shape)` gives the converted config for a shape. Errors are
-    measured at the uniform rank, and with `per_layer_ranks` at every rank of `rank_grid` too."""
+def settle_with_survey(source: Source, plan: ConversionPlan, tokens: torch.Tensor, progress: bool) -> ConversionPlan:
+    """Run the survey the plan asks for and return the plan with its layout and ranks chosen."""
+    folds = freqfold_candidates(source.gqa, plan.rope_dim) if plan.freqfold == AUTO else [plan.freqfold]
+    measured = plan.rank_allocation == "measured"
+    report = survey(source, tokens, plan, folds, per_layer_ranks=measured, progress=progress)
+    fold, results = plan.freqfold, {}
+    if plan.freqfold == AUTO:
+        fold = report.best_freqfold()
+        errors = {str(f): round(report.uniform_error(f), 4) for f in report.errors}
+        results["freqfold_auto_errors"] = errors
+        print(f"transmla: --freqfold auto chose {fold} (summed attention error per FreqFold: {errors})",
+              file=sys.stderr)
+    ranks = None
+    if measured:
+        ranks = report.ranks(fold)
+        results["calibration_error"] = {"uniform": round(report.uniform_error(fold), 6),
+                                        "per_layer": round(report.error(fold, ranks), 6)}
+    return plan.settled(fold, ranks, results)
+
+
+def survey(source: Source, tokens: torch.Tensor, plan: ConversionPlan, folds: list, per_layer_ranks: bool,
+           progress: bool = True) -> Survey:
+    """Errors at the plan's uniform rank for every layout in `folds`, and with `per_layer_ranks` at every
+    rank of `rank_grid` too."""
+    from .pipeline import mla_config
+
+    gqa, rope = source.gqa, plan.rope_dim
     sequences = max(1, min(tokens.shape[0], SURVEY_TOKENS // tokens.shape[1]))
     runner = LayerByLayer(source, tokens[:sequences])
-    result = Survey(rank=rank)
-    max_rank = 2 * source.gqa.kv_width - rope_dim
-    ranks = rank_grid(rank, max_rank) if per_layer_ranks else [rank]
-    configs = {(f, r): mla_config_for(compressed_mla_shape(source.gqa, r, rope_dim, f)) for f in folds for r in ranks}
-    rotary = _rotary_class(source)
+    result = Survey(rank=plan.rank)
+    ranks = rank_grid(plan.rank, 2 * gqa.kv_width - rope) if per_layer_ranks else [plan.rank]
+    configs = {f: mla_config(source, compressed_mla_shape(gqa, max(ranks), rope, f), {"mode": "compressed"})
+               for f in folds}
     for layer in tqdm(range(source.num_layers), desc="surveying layers", unit="layer", disable=not progress):
         stats = runner.stats(layer)
-        weights = _attention_weights(source, layer)
+        weights = source.attention_weights(layer).float()
+        x = runner.attention_inputs(layer, SURVEY_ERROR_SEQUENCES)  # [S, T, hidden]
+        reference = _original_attention(runner, layer, x)
+        stream = runner.hidden[:x.shape[0]].pow(2).sum().clamp_min(1e-30)
         for fold in folds:
-            basis = analyse_layer(source.gqa, rope_dim, fold, stats, output_weight(source, layer))
+            basis = analyse_layer(gqa, rope, fold, stats, weights.o)
+            if basis.pair_freqs is not None:
+                configs[fold].qk_rope_pair_freqs = [basis.pair_freqs] * source.num_layers
+            attention = _mla_module(configs[fold], layer, weights)
+            cos_sin = _rope_tables(source, configs[fold], x)
             errors = {}
             for r in ranks:
-                tensors = build_layer(source.gqa, basis, r, *weights)
-                config = configs[fold, r]
-                if basis.pair_freqs is not None:
-                    config.qk_rope_pair_freqs = [basis.pair_freqs] * source.num_layers
-                errors[r] = attention_error(runner, layer, config, rotary, tensors, source)
+                tensors = build_layer(gqa, basis, r, weights.q, weights.k, weights.v, weights.q_bias,
+                                      weights.k_bias, weights.v_bias)
+                out = _run_padded(attention, tensors, r, max(ranks), x, cos_sin)
+                # Relative to the residual stream the error is added to: a layer whose attention barely
+                # moves the stream matters less than one that dominates it.
+                errors[r] = ((out - reference).pow(2).sum() / stream).item()
             result.errors.setdefault(fold, []).append(errors)
         del stats
         runner.advance(layer)
-        source.weights.release()
     return result
 
 
-def _rotary_class(source: Source):
-    spec = source.family.calibration
-    return getattr(importlib.import_module(spec["module"]), spec["rotary_embedding"])
-
-
-def output_weight(source: Source, layer: int) -> torch.Tensor | None:
-    """o_proj.weight [hidden, H * d] of `layer` for value-error weighting; None turns weighting off
-    (TRANSMLA_PCA_WEIGHTING=none, for comparisons)."""
-    if os.environ.get("TRANSMLA_PCA_WEIGHTING", "output") == "none":
-        return None
-    return source.weights.get(f"{source.family.attn_name('o_proj', layer)}.weight").float()
-
-
-def _attention_weights(source: Source, layer: int):
-    fam, w = source.family, source.weights
-
-    def get(role, kind):
-        name = f"{fam.attn_name(role, layer)}.{kind}"
-        return w.get(name).float() if name in w else None
-
-    return (get("q_proj", "weight"), get("k_proj", "weight"), get("v_proj", "weight"),
-            get("q_proj", "bias"), get("k_proj", "bias"), get("v_proj", "bias"))
-
-
-def attention_error(runner: LayerByLayer, layer: int, mla_cfg, rotary_cls, tensors: dict, source: Source) -> float:
-    """Squared error of the compressed layer's attention output against the original's, relative to the
-    layer's input residual stream."""
-    from ..hf.attention import MLAAttention, rope_config
-
-    x = runner.attention_inputs(layer, SURVEY_ERROR_SEQUENCES)  # [S, T, hidden]
-    batch, seq = x.shape[:2]
-    mla_cfg._attn_implementation = "sdpa"
-    mla = MLAAttention(mla_cfg, layer).float().eval()
-    state = {k: v.float() for k, v in tensors.items()}
-    fam, w = source.family, source.weights
-    for kind in ("weight", "bias"):
-        name = f"{fam.attn_name('o_proj', layer)}.{kind}"
-        if name in w:
-            state[f"o_proj.{kind}"] = w.get(name).float()
-    mla.load_state_dict(state, strict=True)
-    positions = torch.arange(seq)[None].expand(batch, -1)
+def _original_attention(runner: LayerByLayer, layer: int, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        reference = runner.module(layer).self_attn(x, position_embeddings=runner.position_embeddings(batch),
-                                                   attention_mask=None)[0]
-        cos_sin = rotary_cls(config=rope_config(mla_cfg))(x, positions)
-        out = mla(x, position_embeddings=cos_sin, attention_mask=None)[0]
-    # Relative to the residual stream the error is added to: a layer whose attention barely moves the
-    # stream matters less than one that dominates it.
-    stream = runner.hidden[:batch]
-    return ((out - reference).pow(2).sum() / stream.pow(2).sum().clamp_min(1e-30)).item()
+        return runner.module(layer).self_attn(x, position_embeddings=runner.position_embeddings(x.shape[0]),
+                                              attention_mask=None)[0]
+
+
+def _mla_module(config, layer: int, weights):
+    """The transformers MLA attention of `layer` at the config's (largest) rank, with the source o_proj."""
+    from ..hf.attention import MLAAttention
+
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        module = MLAAttention(config, layer).eval()
+    module.o_proj.to_empty(device="cpu")
+    with torch.no_grad():
+        module.o_proj.weight.copy_(weights.o)
+        if weights.o_bias is not None:
+            module.o_proj.bias.copy_(weights.o_bias)
+    return module
+
+
+def _run_padded(module, tensors: dict, rank: int, max_rank: int, x: torch.Tensor, cos_sin) -> torch.Tensor:
+    """The attention output [S, T, hidden] of the layer `tensors` (latent rank `rank`) in `module`, built
+    for `max_rank`: the latent's extra dims get zero rows in kv_a and zero columns in kv_b, so they are 0."""
+    pad = max_rank - rank
+    state = {k: v.float() for k, v in tensors.items()}
+    kv_a = state["kv_a_proj_with_mqa.weight"]
+    state["kv_a_proj_with_mqa.weight"] = torch.cat([kv_a[:rank], kv_a.new_zeros(pad, kv_a.shape[1]), kv_a[rank:]])
+    if "kv_a_proj_with_mqa.bias" in state:
+        b = state["kv_a_proj_with_mqa.bias"]
+        state["kv_a_proj_with_mqa.bias"] = torch.cat([b[:rank], b.new_zeros(pad), b[rank:]])
+    kv_b = state["kv_b_proj.weight"]
+    state["kv_b_proj.weight"] = torch.cat([kv_b, kv_b.new_zeros(kv_b.shape[0], pad)], dim=1)
+    for name, tensor in state.items():
+        setattr(module.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1], torch.nn.Parameter(tensor))
+    with torch.no_grad():
+        return module(x, position_embeddings=cos_sin, attention_mask=None)[0]
+
+
+def _rope_tables(source: Source, config, x: torch.Tensor):
+    """cos, sin [S, T, block] of the MLA config's rope blocks, from the family's rotary embedding class."""
+    import importlib
+
+    from ..hf.attention import rope_config
+
+    spec = source.family.calibration
+    rotary = getattr(importlib.import_module(spec["module"]), spec["rotary_embedding"])(config=rope_config(config))
+    positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
+    with torch.no_grad():
+        return rotary(x, positions)

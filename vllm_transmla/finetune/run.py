@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..convert.checkpoint import TORCH_DTYPES, SourceCheckpoint
-from ..convert.output import atomic_directory, check_destination, copy_side_files
-from ..convert.source import read_raw_config
+from ..checkpoint.atomic import atomic_directory, check_destination, copy_side_files
+from ..checkpoint.config_json import read_raw_config
+from ..checkpoint.safetensors_dir import TORCH_DTYPES, SafetensorsCheckpoint
 from ..errors import TransMLAError
 from ..hf.configuration import MLA_CONFIG_CLASSES
 
@@ -105,14 +105,14 @@ def _load(path: Path, dtype: torch.dtype):
 
 def _student_dtype(student: Path) -> torch.dtype:
     """The dtype of the student's attention weights, which the result is saved in."""
-    ckpt = SourceCheckpoint(student)
+    ckpt = SafetensorsCheckpoint(student)
     name = next((n for n in ckpt.names() if n.endswith("kv_b_proj.weight")), ckpt.names()[0])
     return TORCH_DTYPES[ckpt.headers[ckpt.weight_map[name]][name]["dtype"]]
 
 
 def _check_layout(result: Path, student: Path) -> None:
     """The saved tensors have exactly the student's names, shapes and dtypes (a valid converted checkpoint)."""
-    a, b = SourceCheckpoint(student), SourceCheckpoint(result)
+    a, b = SafetensorsCheckpoint(student), SafetensorsCheckpoint(result)
     if set(a.names()) != set(b.names()):
         missing, extra = sorted(set(a.names()) - set(b.names())), sorted(set(b.names()) - set(a.names()))
         raise TransMLAError(f"internal error: the saved model's tensors differ from the student's (missing "
@@ -156,7 +156,7 @@ def finetune(student: str | Path, teacher: str | Path, data: list[str | Path], o
     _check_teacher(teacher, student_config)
     if student.resolve() == out.resolve() or teacher.resolve() == out.resolve():
         raise TransMLAError(f"--out {out} is the student or the teacher: choose a new directory")
-    check_destination(student, out, overwrite)
+    out = check_destination(student, out, overwrite)
     if eval_text is not None and not Path(eval_text).is_file():
         raise TransMLAError(f"evaluation text {eval_text} does not exist: pass an existing file to --eval-text")
     max_positions = student_config.get("max_position_embeddings")

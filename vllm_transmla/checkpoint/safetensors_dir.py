@@ -1,13 +1,14 @@
-"""Reading and writing sharded safetensors checkpoints, one tensor at a time.
+"""Reading a directory of (sharded) safetensors files, one tensor at a time.
 
-The source is only ever opened for reading. Shards are checked up front (header parses, data
-length matches the header) so a truncated or corrupt download fails before anything is written.
+The directory is only ever opened for reading. Shards are checked up front (header parses, data
+length matches the header) so a truncated or corrupt download fails before anything is written, and
+an index may only name plain files inside the directory (a downloaded checkpoint must not make the
+tools read, and copy into a checkpoint the user may publish, arbitrary local files).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import torch
 from ..errors import TransMLAError
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -47,7 +47,18 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-class SourceCheckpoint:
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+def check_shard_name(directory: Path, shard, where: str) -> None:
+    """A shard named by an index must be a plain file name inside `directory` (it may be a symlink, as in the
+    Hugging Face cache, which links snapshot files to blobs)."""
+    if not isinstance(shard, str) or not shard or shard in (".", "..") or Path(shard).name != shard or "\\" in shard:
+        raise TransMLAError(f"{where} names shard {shard!r}, which is not a file name inside {directory}: the index "
+                            f"may only list files of the checkpoint directory; fix or re-download the index")
+
+
+class SafetensorsCheckpoint:
     """Name -> tensor access over a directory of safetensors shards (read-only)."""
 
     def __init__(self, path: Path):
@@ -72,9 +83,12 @@ class SourceCheckpoint:
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
-                return dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                weight_map = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
                 raise TransMLAError(f"{index} is corrupt ({err}): download it again") from None
+            for shard in weight_map.values():
+                check_shard_name(self.path, shard, str(index))
+            return weight_map
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             found = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
@@ -97,8 +111,13 @@ class SourceCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.headers[self.weight_map[name]][name]["shape"])
 
-    def release(self) -> None:
-        """Nothing is kept open or mapped between reads (see `get`); kept as the per-layer hook."""
+    def non_float_tensor(self) -> tuple[str, str, str] | None:
+        """(name, dtype, shard) of the first tensor that is not float32/16 or bfloat16, or None."""
+        for shard, header in self.headers.items():
+            for name, info in header.items():
+                if name != "__metadata__" and info["dtype"] not in FLOAT_DTYPES:
+                    return name, info["dtype"], shard
+        return None
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read with plain file reads at the offsets of the (already validated) header.
@@ -136,71 +155,5 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
                       torch.float8_e5m2: "F8_E5M2"}
 
-
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_bytes`, then an index.
-
-    Memory stays at one tensor: each tensor's bytes go straight to a spill file as it arrives (the
-    header, which must come first, is only known once the shard is full), and closing a shard writes
-    the header and copies the spill after it in chunks. safetensors' `save_file` would need the whole
-    shard in memory at once. The result is read back with safetensors in the tests.
-    """
-
-    def __init__(self, directory: Path, max_shard_bytes: int):
-        self.directory = Path(directory)
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, dict] = {}  # name -> header entry of the open shard
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
-        self._spill = None
-
-    def _spill_path(self) -> Path:
-        return self.directory / f"shard-{len(self.shards):05d}.spill"
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise TransMLAError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
-            self.flush()
-        if self._spill is None:
-            self._spill = open(self._spill_path(), "wb")
-        flat = tensor.detach().contiguous().reshape(-1)
-        if nbytes:
-            self._spill.write(memoryview(flat.view(torch.uint8).numpy()))
-        self.pending[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self.pending_bytes, self.pending_bytes + nbytes]}
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        self._spill.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.pending}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes
-        spill = self._spill_path()
-        with open(self.directory / f"shard-{len(self.shards):05d}.tmp", "wb") as out, open(spill, "rb") as data:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(data, out, 16 * 2**20)
-        spill.unlink()
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes, self._spill = {}, 0, None
-
-    def finish(self) -> list[str]:
-        """Name shards model-0000i-of-0000N.safetensors and write the index; returns shard names."""
-        self.flush()
-        n = len(self.shards)
-        names, weight_map = [], {}
-        for i, tensor_names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.directory / f"shard-{i:05d}.tmp").rename(self.directory / final)
-            names.append(final)
-            weight_map.update({t: final for t in tensor_names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return names
 
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}

@@ -42,7 +42,16 @@ def clean_stale_temporaries(dst: Path) -> list[Path]:
     return removed
 
 
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+def check_destination(src: Path, dst: Path, overwrite: bool) -> Path:
+    """Check that `dst` can be written; returns the directory to write. A `dst` that is a link to a
+    directory is replaced where it points (with --overwrite), so the link keeps pointing at the result."""
+    if dst.is_symlink():
+        if not dst.exists():
+            raise TransMLAError(f"destination {dst} is a broken link: remove it or choose another path")
+        if overwrite and dst.is_dir():
+            real = dst.resolve()
+            print(f"transmla: {dst} is a link to {real}: replacing {real}", file=sys.stderr)
+            dst = real
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise TransMLAError(f"destination {dst} is inside the source {src}: choose a directory outside the source")
     if dst.exists() and not overwrite:
@@ -54,6 +63,7 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise TransMLAError(f"the parent directory {parent} of the destination does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TransMLAError(f"cannot write to {parent}: choose a writable destination or fix its permissions")
+    return dst
 
 
 @contextlib.contextmanager

@@ -1,0 +1,54 @@
+"""Layer converters: each turns one source decoder layer's attention weights into its MLA tensors.
+
+`convert(layer)` returns the layer's tensors under their names inside `self_attn.` (q_proj,
+kv_a_proj_with_mqa, kv_b_proj; o_proj is the source's and is added by the caller) and `pair_freqs`
+lists, per converted layer, the rope frequencies the selected-frequency layout chose (None otherwise).
+Layers are converted in order: the compressed converter streams calibration through them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .exact import exact_attention
+from .plan import ConversionPlan
+from .source import Source
+
+
+class ExactLayers:
+    """Same function, same cache (see exact.py)."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.pair_freqs: list[list[int] | None] = []
+
+    def convert(self, layer: int) -> dict[str, torch.Tensor]:
+        w = self.source.attention_weights(layer)
+        self.pair_freqs.append(None)
+        return exact_attention(self.source.gqa, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias)
+
+
+class CompressedLayers:
+    """RoRoPE + balanced K/V PCA at the plan's ranks, calibrated on `tokens` [num_sequences, seq_len]
+    streamed through the source layers (see compress.py and calibration.py)."""
+
+    def __init__(self, source: Source, plan: ConversionPlan, tokens: torch.Tensor):
+        from .calibration import LayerByLayer
+
+        self.source, self.plan = source, plan
+        self.runner = LayerByLayer(source, tokens)
+        self.pair_freqs: list[list[int] | None] = []
+
+    def convert(self, layer: int) -> dict[str, torch.Tensor]:
+        from .compress import analyse_layer, build_layer
+
+        plan, gqa = self.plan, self.source.gqa
+        stats = self.runner.stats(layer, input_cov=plan.q_lora_rank is not None)
+        w = self.source.attention_weights(layer)
+        basis = analyse_layer(gqa, plan.rope_dim, plan.freqfold, stats, w.o.float())
+        self.pair_freqs.append(basis.pair_freqs)
+        tensors = build_layer(gqa, basis, plan.layer_rank(layer), w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias,
+                              plan.q_lora_rank, stats.input_cov)
+        del stats
+        self.runner.advance(layer)
+        return tensors
