@@ -41,7 +41,8 @@ def to_public_layout(ours: Path, out: Path) -> Path:
     public = {k: v for k, v in config.items() if k not in (
         "softmax_scale", "qk_rope_num_blocks", "rope_interleave", "mla_q_bias", "mla_kv_a_bias", "mla_o_bias",
         "transmla")}
-    public.update(model_type="deepseek_v3", architectures=["LlamaMLAForCausalLM"], q_lora_rank=None,
+    arch = "MixtralMLAForCausalLM" if config.get("num_local_experts") else "LlamaMLAForCausalLM"
+    public.update(model_type="deepseek_v3", architectures=[arch], q_lora_rank=None,
                   attention_bias=bool(config["mla_q_bias"]), qk_latent_layernorm=False,
                   num_key_value_heads=heads)
     (out / "config.json").write_text(json.dumps(public, indent=2))

@@ -30,6 +30,14 @@ def register_hf() -> None:
     for model_type, config_cls in MLA_CONFIG_CLASSES.items():
         AutoConfig.register(model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, MLA_CAUSAL_LM_CLASSES[config_cls], exist_ok=True)
+    # The public converter's checkpoints say model_type deepseek_v3: transformers picks among a tuple of
+    # classes by the config's architectures, so ours build them and real DeepSeek-V3 keeps its own class.
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from .hf.configuration import PUBLIC_ARCHITECTURES
+
+    public = tuple(cls for cls in MLA_CAUSAL_LM_CLASSES.values() if cls.__name__ in PUBLIC_ARCHITECTURES)
+    AutoModelForCausalLM._model_mapping.register(DeepseekV3Config, (DeepseekV3ForCausalLM, *public), exist_ok=True)
     # Mixtral checkpoints store experts one by one; transformers fuses them on load for "mixtral".
     register_checkpoint_conversion_mapping(
         "mixtral_mla", get_checkpoint_conversion_mapping("mixtral"), overwrite=True

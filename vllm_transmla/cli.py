@@ -26,9 +26,17 @@ def _cmd_convert(args) -> int:
 def _cmd_info(args) -> int:
     from transformers import AutoConfig
 
+    import vllm_transmla  # noqa: F401  (our config classes)
+
+    from .checkpoint.config_json import read_raw_config
     from .convert.pipeline import kv_bytes_per_token
 
-    cfg = AutoConfig.from_pretrained(args.model)
+    read_raw_config(args.model, what="model", expected="a checkpoint directory")
+    try:
+        cfg = AutoConfig.from_pretrained(args.model)
+    except Exception as err:  # noqa: BLE001  (whatever transformers raises, the config is the cause)
+        raise TransMLAError(f"{args.model}/config.json cannot be read ({str(err).splitlines()[0]}): fix or "
+                            f"re-download it") from None
     info = {"model_type": cfg.model_type, "architectures": cfg.architectures,
             "kv_bytes_per_token_bf16": kv_bytes_per_token(cfg)}
     for key in ("kv_lora_rank", "kv_lora_ranks", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
@@ -42,8 +50,10 @@ def _cmd_info(args) -> int:
 def _cmd_check(args) -> int:
     from .validate import validate_converted_checkpoint
 
-    validate_converted_checkpoint(args.model)
-    print(f"{args.model}: a valid converted checkpoint (config keys, model_type and every attention tensor's shape)")
+    validate_converted_checkpoint(args.model, scan_weights=args.weights)
+    scanned = "; every tensor finite" if args.weights else ""
+    print(f"{args.model}: a valid converted checkpoint (config keys, model_type and every attention tensor's "
+          f"shape{scanned})")
     return 0
 
 
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a converted checkpoint (what the vLLM plugin checks before loading)")
     p.add_argument("model")
+    p.add_argument("--weights", action="store_true", help="also read every tensor and refuse NaN/Inf values")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (transformers)")

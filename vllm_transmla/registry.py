@@ -81,6 +81,11 @@ def target_architectures() -> dict[str, str]:
 def family_for_source(architectures: list[str] | None, model_type: str | None) -> FamilySpec:
     """The family that converts a source checkpoint, or a TransMLAError saying why none does."""
     architectures = list(architectures or [])
+    converted = [a for a in architectures if a in target_architectures()]
+    if converted or model_type in set(target_architectures().values()):
+        raise TransMLAError(f"this checkpoint is already an MLA model ({converted[0] if converted else model_type}, "
+                            f"written by a TransMLA converter): serve or fine-tune it as it is, or convert its "
+                            f"original GQA source to get another shape")
     for arch in architectures:
         if arch in unsupported_reasons():
             raise TransMLAError(

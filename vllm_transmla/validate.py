@@ -61,6 +61,31 @@ def _check_config(path: Path, raw: dict) -> None:
     if not isinstance(rank, int) or rank <= 0:
         raise TransMLAError(f"{path}/config.json has kv_lora_rank={rank!r}: it must be a positive integer; "
                             f"reconvert the checkpoint")
+    _check_rope_layout(path, raw, rope)
+
+
+def _check_rope_layout(path: Path, raw: dict, rope: int) -> None:
+    """qk_rope_num_blocks and qk_rope_pair_freqs describe rope dims the model can rotate."""
+    blocks = raw.get("qk_rope_num_blocks", 1)
+    if not isinstance(blocks, int) or blocks < 1 or rope % blocks or (rope // blocks) % 2:
+        raise TransMLAError(f"{path}/config.json has qk_rope_num_blocks={blocks!r}: it must be a positive integer "
+                            f"dividing qk_rope_head_dim={rope} into even blocks; reconvert the checkpoint")
+    freqs = raw.get("qk_rope_pair_freqs")
+    if freqs is None:
+        return
+    layers, head_dim = raw.get("num_hidden_layers"), raw.get("head_dim")
+    if not isinstance(head_dim, int) or head_dim < 2:
+        raise TransMLAError(f"{path}/config.json has qk_rope_pair_freqs but head_dim={head_dim!r}: the selected "
+                            f"frequencies index the source's head_dim / 2 rotary frequencies; reconvert")
+    if (not isinstance(freqs, list) or len(freqs) != layers
+            or any(not isinstance(f, list) or len(f) * 2 != rope for f in freqs)):
+        raise TransMLAError(f"{path}/config.json has qk_rope_pair_freqs that do not list qk_rope_head_dim / 2 = "
+                            f"{rope // 2} frequencies for each of the {layers} layers: reconvert the checkpoint")
+    bad = next(((i, f) for i, layer in enumerate(freqs) for f in layer
+                if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f < head_dim // 2), None)
+    if bad:
+        raise TransMLAError(f"{path}/config.json has qk_rope_pair_freqs[{bad[0]}] entry {bad[1]!r}: a frequency "
+                            f"index must be in 0..{head_dim // 2 - 1} (head_dim / 2 rotary frequencies); reconvert")
 
 
 def _expected_attention(config, layer: int) -> dict[str, tuple[int, ...]]:
@@ -91,8 +116,9 @@ def _expected_attention(config, layer: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate_converted_checkpoint(path: str | Path, check_tensors: bool = True) -> None:
-    """Raise TransMLAError naming the problem and the fix if `path` is not a servable converted checkpoint."""
+def validate_converted_checkpoint(path: str | Path, check_tensors: bool = True, scan_weights: bool = False) -> None:
+    """Raise TransMLAError naming the problem and the fix if `path` is not a servable converted checkpoint.
+    `scan_weights` also reads every tensor and refuses NaN/Inf values (a diverged fine-tune)."""
     from transformers import AutoConfig
 
     import vllm_transmla  # noqa: F401  (our config classes)
@@ -132,3 +158,16 @@ def validate_converted_checkpoint(path: str | Path, check_tensors: bool = True) 
     if extra:
         raise TransMLAError(f"{path} has attention tensors config.json does not describe ({', '.join(extra[:3])}): "
                             f"the config and weights are from different conversions; reconvert")
+    if scan_weights:
+        _scan_weights(path, checkpoint)
+
+
+def _scan_weights(path: Path, checkpoint) -> None:
+    import torch
+
+    for name in checkpoint.names():
+        tensor = checkpoint.get(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise TransMLAError(f"tensor {name} in {path} holds {bad} NaN/Inf values: the checkpoint is broken (a "
+                                f"diverged fine-tune?); reconvert, or fine-tune again with a lower --lr")

@@ -46,7 +46,7 @@ def worker(job: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=job["model"], dtype=job["dtype"], seed=0, gpu_memory_utilization=0.5,
+    llm = LLM(model=job["model"], dtype=job["dtype"], seed=0, gpu_memory_utilization=job["gpu_memory_utilization"],
               max_model_len=job["context"] + job["steps"] + 64, enforce_eager=True,
               max_num_seqs=job["max_num_seqs"], enable_prefix_caching=False)
     engine = llm.llm_engine
@@ -103,7 +103,8 @@ def breakdown(prof, steps: int, wall_s: float) -> dict:
 
 def run_model(model: Path, seqs: list[int], args) -> dict:
     job = {"model": str(model), "seqs": seqs, "context": args.context, "steps": args.steps,
-           "profiled_steps": args.profiled_steps, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
+           "profiled_steps": args.profiled_steps, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
+           "gpu_memory_utilization": args.gpu_memory_utilization}
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine core in the timed process
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--profiled-steps", type=int, default=3)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="vLLM's share of accelerator memory (on CPU: of one NUMA node's RAM)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("engine_step.json")))
     args = parser.parse_args()
 

@@ -5,7 +5,7 @@ generate L tokens (input = output, greedy, EOS ignored), under two KV
 budgets:
 * fixed: the KV memory that holds `--fixed-seqs` full sequences (2 L tokens) of the *original* model -
   as a 7B MHA model on one GPU at 8K context holds only a few - and the same bytes for the converted one;
-* free: the engine's default (`gpu_memory_utilization` 0.5), up to `--max-num-seqs` sequences.
+* free: `--gpu-memory-utilization` (default 0.5), up to `--max-num-seqs` sequences.
 Output tokens per second are compared as converted / original in the same run. Every engine runs in a
 process of its own (on CPU with its engine core inline, see --engine-process).
 
@@ -104,6 +104,8 @@ def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -
            "logprobs": None, "warmup": True, "enforce_eager": True}
     if budget:
         job["kv_cache_memory_bytes"] = budget
+    else:
+        job["gpu_memory_utilization"] = args.gpu_memory_utilization
     # On a CPU, vLLM's default front-end process (detokenizing, polling) competes for the cores the
     # engine's pinned OpenMP threads run on: on 2 cores it cut batch-8 decode from 170 to 95 tok/s.
     # Both models run the same way; --engine-process separate keeps vLLM's default.
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--fixed-seqs", type=int, default=2, help="full sequences the original holds (fixed)")
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--budgets", nargs="+", default=["fixed", "free"], choices=["fixed", "free"])
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="vLLM's share of accelerator memory (on CPU: of one NUMA node's RAM) for the free budget")
     parser.add_argument("--dtype", default="float32", help="model dtype (float32 on CPUs without native bf16)")
     parser.add_argument("--engine-process", choices=["inline", "separate"], default=None,
                         help="engine core in the LLM() process (default on CPU: no front-end process competing "

@@ -16,6 +16,7 @@ COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
     "chat_template.json",
+    "configuration_transmla.py", "modeling_transmla.py",  # a converted checkpoint's trust_remote_code route
 )
 
 

@@ -67,6 +67,8 @@ class LayerByLayer:
         rotary = getattr(module, spec["rotary_embedding"])(config=self.config)
         positions = torch.arange(tokens.shape[1])[None]
         self.cos_sin = rotary(self.hidden[:1], positions)
+        # cos and sin come scaled by this (YaRN's attention factor; 1 otherwise): logits carry its square
+        self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         self._module, self._module_index = None, None
 
     def module(self, layer: int):

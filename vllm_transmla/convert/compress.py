@@ -227,12 +227,14 @@ def analyse_layer(gqa: GQAShape, rope_dim: int, freqfold: int, stats: LayerStats
 
 def build_layer(gqa: GQAShape, basis: LayerBasis, rank: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 q_bias=None, k_bias=None, v_bias=None, q_lora_rank: int | None = None,
-                input_cov: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                input_cov: torch.Tensor | None = None, nope_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """MLA tensors of one layer at latent rank `rank` (see the module docstring); shapes as in exact.py,
     with qk_nope_head_dim = v_head_dim = d and q_proj [H * (d + D), hidden].
 
     latent c = P^T [W_K K'_nope / ratio ; W_V V]; reconstruction K'_nope = ratio W_K^-1 P_k c,
-    V = W_V^-1 P_v c."""
+    V = W_V^-1 P_v c. `nope_scale` multiplies the NoPE query rows: the source's rotary may scale its
+    cos and sin (YaRN's attention factor s), which scales every source logit by s^2; the rope part
+    keeps that at run time, the NoPE part, which is never rotated, must carry it in its weights."""
     rope_dim = basis.plan.blocks * basis.plan.block_dim
     check_rank(gqa, rank, rope_dim)
     d, width, heads = gqa.head_dim, gqa.kv_width, gqa.num_heads
@@ -259,10 +261,10 @@ def build_layer(gqa: GQAShape, basis: LayerBasis, rank: int, q: torch.Tensor, k:
         g = h // gqa.group_size
         m_h = rot[:, g * d:(g + 1) * d].T  # [d, n*d]: k_head = m_h K'
         q_h = q[h * d:(h + 1) * d]
-        q_rows += [q_h, m_h[:, :rope_dim].T @ q_h]
+        q_rows += [q_h * nope_scale, m_h[:, :rope_dim].T @ q_h]
         if q_bias is not None:
             qb_h = q_bias.to(f64)[h * d:(h + 1) * d]
-            q_bias_rows += [qb_h, m_h[:, :rope_dim].T @ qb_h]
+            q_bias_rows += [qb_h * nope_scale, m_h[:, :rope_dim].T @ qb_h]
         kv_b_rows += [m_h[:, rope_dim:] @ up_k, up_v[g * d:(g + 1) * d]]
 
     tensors = {

@@ -48,7 +48,7 @@ class CompressedLayers:
         basis = analyse_layer(gqa, plan.rope_dim, plan.freqfold, stats, w.o.float())
         self.pair_freqs.append(basis.pair_freqs)
         tensors = build_layer(gqa, basis, plan.layer_rank(layer), w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias,
-                              plan.q_lora_rank, stats.input_cov)
+                              plan.q_lora_rank, stats.input_cov, nope_scale=self.runner.attention_scaling ** 2)
         del stats
         self.runner.advance(layer)
         return tensors

@@ -16,6 +16,7 @@ from ..checkpoint.atomic import atomic_directory, check_destination
 from ..checkpoint.writer import ShardWriter
 from ..errors import TransMLAError
 from ..hf.configuration import MLA_CONFIG_CLASSES, mla_kv_bytes_per_token
+from ..hf.remote_code import auto_map, write_remote_code
 from .memory import return_large_blocks_to_the_system
 from .plan import ConversionPlan, ConvertOptions, plan_conversion
 from .source import Source, open_source
@@ -74,6 +75,7 @@ def mla_config(source: Source, mla_shape, settings: dict):
     )
     config = config_cls(**fields)
     config.architectures = [family.target_architecture]
+    config.auto_map = auto_map(config_cls.__name__, family.target_architecture)
     return config
 
 
@@ -119,6 +121,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions | None = N
             config.qk_rope_pair_freqs = layers.pair_freqs
         config.dtype = dtype
         config.save_pretrained(tmp)
+        write_remote_code(tmp, type(config).__name__, config.architectures[0])
         source.write_side_files(tmp)
     return dst
 

@@ -192,7 +192,8 @@ def _check_freqfold(freqfold):
     except (TypeError, ValueError):
         fold = None
     if fold is None or str(fold) != str(freqfold).strip() or fold < 1:
-        raise TransMLAError(f"--freqfold {freqfold!r} must be a whole number, 'select' or 'auto' (a FreqFold is at least 1)")
+        raise TransMLAError(f"--freqfold {freqfold!r} must be a whole number, 'select' or 'auto' "
+                            f"(a FreqFold is at least 1)")
     return fold
 
 

@@ -82,7 +82,7 @@ class Source:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        with _transformers_view(self.path) as (directory, gguf_file):
+        with transformers_view(self.path) as (directory, gguf_file):
             return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
 
     def write_side_files(self, dst: Path) -> None:
@@ -97,7 +97,7 @@ class Source:
 
 
 @contextlib.contextmanager
-def _transformers_view(path: Path):
+def transformers_view(path: Path):
     """(directory, gguf_file) for transformers' from_pretrained: a GGUF file is shown through a private
     directory holding only a link to it, so transformers reads nothing beside the file the user named."""
     if not path.is_file():
@@ -142,7 +142,7 @@ def _open_gguf(path: Path) -> Source:
     except Exception as err:  # noqa: BLE001  (any parse failure means a broken download)
         raise TransMLAError(f"{path} is not a readable GGUF file ({type(err).__name__}): re-download it") from None
     try:
-        with _transformers_view(path) as (directory, gguf_file):
+        with transformers_view(path) as (directory, gguf_file):
             config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
     except Exception as err:  # noqa: BLE001
         raise TransMLAError(f"transformers cannot read the configuration of {path} ({str(err).splitlines()[0]}): "

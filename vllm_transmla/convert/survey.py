@@ -117,7 +117,7 @@ def survey(source: Source, tokens: torch.Tensor, plan: ConversionPlan, folds: li
             errors = {}
             for r in ranks:
                 tensors = build_layer(gqa, basis, r, weights.q, weights.k, weights.v, weights.q_bias,
-                                      weights.k_bias, weights.v_bias)
+                                      weights.k_bias, weights.v_bias, nope_scale=runner.attention_scaling ** 2)
                 out = _run_padded(attention, tensors, r, max(ranks), x, cos_sin)
                 # Relative to the residual stream the error is added to: a layer whose attention barely
                 # moves the stream matters less than one that dominates it.

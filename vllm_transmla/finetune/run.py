@@ -7,7 +7,9 @@ OUT, renamed at the end, with the student's config.json, tokenizer and tensor la
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from ..checkpoint.atomic import atomic_directory, check_destination, copy_side_f
 from ..checkpoint.config_json import read_raw_config
 from ..checkpoint.safetensors_dir import TORCH_DTYPES, SafetensorsCheckpoint
 from ..errors import TransMLAError
+from ..text_files import check_text_file
 from ..hf.configuration import MLA_CONFIG_CLASSES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,6 +50,47 @@ class FinetuneSettings:
     eval_steps: int | None = None
     eval_tokens: int | None = None
     seed: int = 0
+
+
+def _check_numbers(s: FinetuneSettings) -> None:
+    """Every numeric setting finite and in range, before anything is loaded or created."""
+    finite = {"lr": s.lr, "weight_decay": s.weight_decay, "kl_weight": s.kl_weight, "ce_weight": s.ce_weight,
+              "temperature": s.temperature}
+    for key, value in finite.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TransMLAError(f"--{key.replace('_', '-')} {value} must be a finite number")
+    if s.lr <= 0:
+        raise TransMLAError(f"--lr {s.lr} must be > 0: the peak learning rate, e.g. 1e-4")
+    if s.weight_decay < 0:
+        raise TransMLAError(f"--weight-decay {s.weight_decay} must be >= 0")
+    if s.warmup_steps < 0:
+        raise TransMLAError(f"--warmup-steps {s.warmup_steps} must be >= 0")
+    if s.kl_weight < 0 or s.ce_weight < 0 or s.kl_weight + s.ce_weight == 0:
+        raise TransMLAError("--kl-weight and --ce-weight must be >= 0 and not both 0")
+    if s.temperature <= 0:
+        raise TransMLAError(f"--temperature must be > 0 (got {s.temperature})")
+
+
+def _check_finite(model, trained: list[str], step: int) -> None:
+    """Training must not have produced NaN/Inf weights: refuse to write them."""
+    params = dict(model.named_parameters())
+    bad = [name for name in trained if name in params and not torch.isfinite(params[name]).all()]
+    if bad:
+        raise TransMLAError(f"training diverged: {len(bad)} of {len(trained)} trained tensors hold NaN/Inf after step "
+                            f"{step} (e.g. {bad[0]}); nothing was written: lower --lr or add --warmup-steps")
+
+
+@contextlib.contextmanager
+def _removed_on_failure(checkpoint_dir: Path, created: bool):
+    """A failed run leaves no checkpoint directory it created, unless it holds resumable checkpoints of
+    healthy weights (an interrupted run); a diverged run's checkpoints go too."""
+    try:
+        yield
+    except BaseException as err:
+        diverged = isinstance(err, TransMLAError)
+        if created and (diverged or not _checkpoints_in(checkpoint_dir)):
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        raise
 
 
 def default_checkpoint_dir(out: Path) -> Path:
@@ -148,22 +192,20 @@ def finetune(student: str | Path, teacher: str | Path, data: list[str | Path], o
     for key in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):
         if getattr(s, key) < 1:
             raise TransMLAError(f"--{key.replace('_', '-')} must be at least 1 (got {getattr(s, key)})")
-    if s.kl_weight < 0 or s.ce_weight < 0 or s.kl_weight + s.ce_weight == 0:
-        raise TransMLAError("--kl-weight and --ce-weight must be >= 0 and not both 0")
-    if s.temperature <= 0:
-        raise TransMLAError(f"--temperature must be > 0 (got {s.temperature})")
+    _check_numbers(s)
     student_config = _check_student(student)
     _check_teacher(teacher, student_config)
     if student.resolve() == out.resolve() or teacher.resolve() == out.resolve():
         raise TransMLAError(f"--out {out} is the student or the teacher: choose a new directory")
     out = check_destination(student, out, overwrite)
-    if eval_text is not None and not Path(eval_text).is_file():
-        raise TransMLAError(f"evaluation text {eval_text} does not exist: pass an existing file to --eval-text")
+    if eval_text is not None:
+        check_text_file(Path(eval_text), "evaluation text", "--eval-text")
     max_positions = student_config.get("max_position_embeddings")
     if max_positions and s.seq_len > max_positions:
         raise TransMLAError(f"--seq-len {s.seq_len} exceeds the model's max_position_embeddings {max_positions}")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
     resume_from = _resume_point(checkpoint_dir, resume)
+    created = not checkpoint_dir.exists()  # by this run (transformers creates it with the Trainer)
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     docs = read_documents(data)
@@ -176,28 +218,30 @@ def finetune(student: str | Path, teacher: str | Path, data: list[str | Path], o
     trained = select_trainable(model, s.train)
     save_dtype = _student_dtype(student)
 
-    args = TrainingArguments(
-        output_dir=str(checkpoint_dir), max_steps=s.max_steps, per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, warmup_steps=s.warmup_steps,
-        weight_decay=s.weight_decay, lr_scheduler_type="cosine", bf16=s.dtype == "bfloat16",
-        use_cpu=s.dtype == "bfloat16" and not torch.cuda.is_available(),  # transformers asks for bf16 on CPU
-        gradient_checkpointing=s.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
-        save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
-        logging_strategy="steps", logging_steps=s.logging_steps, logging_first_step=True,
-        eval_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=not progress, remove_unused_columns=False,
-    )
-    trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=dataset, teacher=teacher_model, kl_weight=s.kl_weight,
-        ce_weight=s.ce_weight, temperature=s.temperature, eval_text=eval_text, eval_tokenizer=str(student),
-        eval_seq_len=min(256, s.seq_len), eval_tokens=s.eval_tokens,
-    )
-    if eval_text is not None:  # held-out perplexity before training (step 0), every eval_steps and at the end
-        initial = trainer.evaluate() if resume_from is None else None
-        trainer.add_callback(EvaluateEvery(s.eval_steps, initial))
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with _removed_on_failure(checkpoint_dir, created):
+        args = TrainingArguments(
+            output_dir=str(checkpoint_dir), max_steps=s.max_steps, per_device_train_batch_size=s.batch_size,
+            gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, warmup_steps=s.warmup_steps,
+            weight_decay=s.weight_decay, lr_scheduler_type="cosine", bf16=s.dtype == "bfloat16",
+            use_cpu=s.dtype == "bfloat16" and not torch.cuda.is_available(),  # transformers asks for bf16 on CPU
+            gradient_checkpointing=s.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+            save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
+            logging_strategy="steps", logging_steps=s.logging_steps, logging_first_step=True,
+            eval_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            disable_tqdm=not progress, remove_unused_columns=False,
+        )
+        trainer = DistillationTrainer(
+            model=model, args=args, train_dataset=dataset, teacher=teacher_model, kl_weight=s.kl_weight,
+            ce_weight=s.ce_weight, temperature=s.temperature, eval_text=eval_text, eval_tokenizer=str(student),
+            eval_seq_len=min(256, s.seq_len), eval_tokens=s.eval_tokens,
+        )
+        if eval_text is not None:  # held-out perplexity before training (step 0), every eval_steps, at the end
+            initial = trainer.evaluate() if resume_from is None else None
+            trainer.add_callback(EvaluateEvery(s.eval_steps, initial))
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        _check_finite(model, trained, trainer.state.global_step)
     final = {}
     if eval_text is not None:
         done = [h for h in trainer.state.log_history if "eval_perplexity" in h]

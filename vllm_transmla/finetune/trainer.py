@@ -7,11 +7,24 @@ every process (it is not sharded).
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
+
+
+def warmup_cosine(warmup: int, total: int):
+    """Learning-rate factor per optimizer step: step s < warmup runs at (s + 1) / (warmup + 1) of the peak (no
+    step is spent at 0, as transformers' s / warmup would), then a cosine from the peak towards 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
@@ -46,6 +59,13 @@ class DistillationTrainer(Trainer):
         self.eval_seq_len, self.eval_tokens = eval_seq_len, eval_tokens
         self._parts = {"kl": 0.0, "ce": 0.0, "n": 0}
         self._started = time.perf_counter()
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, warmup_cosine(warmup, num_training_steps))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward
 
 from .configuration import block_rope_parameters, mla_layout
 
@@ -83,6 +83,8 @@ class MLAAttention(nn.Module):
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=layout.o_bias)
+        if layout.latent_layernorm:  # DeepSeek's norm of c_kv before it is cached (checkpoints that ask for it)
+            self.kv_a_layernorm = LlamaRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         # A plain list, not a buffer: transformers builds models on the meta device.
         self.pair_freqs = list(layout.rope_pair_freqs) if layout.rope_pair_freqs is not None else None
 
@@ -95,6 +97,8 @@ class MLAAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split(
             [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
         )
+        if self.layout.latent_layernorm:
+            c_kv = self.kv_a_layernorm(c_kv)
         cos, sin = position_embeddings
         if self.layout.rope_pair_freqs is not None:
             cos, sin = select_rope_pairs(cos, self.pair_freqs), select_rope_pairs(sin, self.pair_freqs)

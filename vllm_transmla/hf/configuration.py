@@ -117,6 +117,9 @@ def _pair_freqs(config, layer_idx: int | None) -> dict:
     if len(freqs) != config.num_hidden_layers or any(len(f) * 2 != config.qk_rope_head_dim for f in freqs):
         raise ValueError("qk_rope_pair_freqs must list qk_rope_head_dim / 2 frequencies for every layer: the config "
                          "is inconsistent; reconvert the checkpoint")
+    if any(not 0 <= f < config.head_dim // 2 for layer in freqs for f in layer):
+        raise ValueError(f"qk_rope_pair_freqs must index the {config.head_dim // 2} source rotary frequencies: the "
+                         f"config is inconsistent; reconvert the checkpoint")
     return {"source_rotary_dim": config.head_dim,
             "rope_pair_freqs": tuple(freqs[layer_idx]) if layer_idx is not None else None}
 
@@ -158,3 +161,34 @@ class MixtralMLAConfig(MixtralConfig, MLAFields):
 
 
 MLA_CONFIG_CLASSES = {c.model_type: c for c in (LlamaMLAConfig, Qwen2MLAConfig, MixtralMLAConfig)}
+
+
+# The public TransMLA converter writes model_type deepseek_v3 with these architectures; transformers alone
+# would build its DeepseekV3ForCausalLM (an MoE layer with random experts, a fresh kv_a_layernorm).
+PUBLIC_ARCHITECTURES = {"LlamaMLAForCausalLM": LlamaMLAConfig, "MixtralMLAForCausalLM": MixtralMLAConfig}
+
+
+def is_public_dialect(config) -> bool:
+    return getattr(config, "model_type", None) == "deepseek_v3" and any(
+        a in PUBLIC_ARCHITECTURES for a in getattr(config, "architectures", None) or [])
+
+
+def as_our_config(config):
+    """`config` itself, or a public-converter (deepseek_v3) config restated as ours: same tensors, same
+    math (interleaved rope, the (nope + rope) ** -0.5 scale folded into the queries, attention_bias for q
+    and kv_a, kv_a_layernorm only with qk_latent_layernorm)."""
+    if not is_public_dialect(config):
+        return config
+    arch = next(a for a in config.architectures if a in PUBLIC_ARCHITECTURES)
+    config_cls = PUBLIC_ARCHITECTURES[arch]
+    layout = mla_layout(config)
+    # getattr, not to_dict: deepseek_v3 aliases some keys (num_local_experts is its n_routed_experts)
+    known = (set(config_cls().to_dict()) | set(MLAFields.__dataclass_fields__)) - {
+        "model_type", "architectures", "transformers_version", "auto_map"}
+    ours = config_cls(**{k: getattr(config, k) for k in known if hasattr(config, k)})
+    ours.update({"softmax_scale": layout.softmax_scale, "rope_interleave": layout.rope_interleave,
+                 "mla_q_bias": layout.q_bias, "mla_kv_a_bias": layout.kv_a_bias, "mla_o_bias": False,
+                 "qk_rope_num_blocks": 1, "qk_latent_layernorm": layout.latent_layernorm,
+                 "transmla": {"mode": "public-converter", "source_model_type": "deepseek_v3"}})
+    ours.architectures = [arch]
+    return ours

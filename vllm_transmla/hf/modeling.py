@@ -12,7 +12,7 @@ from transformers.models.mixtral import modeling_mixtral as mixtral
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
 from .attention import MLAAttention, rope_config
-from .configuration import LlamaMLAConfig, MixtralMLAConfig, Qwen2MLAConfig
+from .configuration import LlamaMLAConfig, MixtralMLAConfig, Qwen2MLAConfig, as_our_config
 
 
 def _use_mla(model, layer_cls, rotary_cls) -> None:
@@ -44,6 +44,7 @@ class LlamaMLAModel(LlamaMLAPreTrainedModel, llama.LlamaModel):
 
 class LlamaMLAForCausalLM(LlamaMLAPreTrainedModel, llama.LlamaForCausalLM):
     def __init__(self, config):
+        config = as_our_config(config)  # a public-converter checkpoint is built as ours
         super().__init__(config)
         self.model = LlamaMLAModel(config)
         self.post_init()
@@ -102,6 +103,7 @@ class MixtralMLAModel(MixtralMLAPreTrainedModel, mixtral.MixtralModel):
 
 class MixtralMLAForCausalLM(MixtralMLAPreTrainedModel, mixtral.MixtralForCausalLM):
     def __init__(self, config):
+        config = as_our_config(config)
         super().__init__(config)
         self.model = MixtralMLAModel(config)
         self.post_init()

@@ -20,6 +20,24 @@ MLA_WEIGHTS_MAPPER = WeightsMapper(orig_to_new_stacked={".gate_proj": (".gate_up
                                                         ".up_proj": (".gate_up_proj", 1)})
 
 
+def finite_weights(weights):
+    """The (name, tensor) stream of a checkpoint, refusing NaN/Inf tensors: vLLM would load them and answer
+    every request with token 0 (empty text) at HTTP 200."""
+    for name, tensor in weights:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"vllm-transmla: tensor {name} holds {bad} NaN/Inf values: the checkpoint is broken (a "
+                             f"diverged fine-tune?); find them with `transmla check --weights DIR` and reconvert")
+        yield name, tensor
+
+
+class _CheckedWeights:
+    """Mixin for the causal LMs: weights pass `finite_weights` on their way to vLLM's loader."""
+
+    def load_weights(self, weights):
+        return super().load_weights(finite_weights(weights))
+
+
 @contextlib.contextmanager
 def _module_globals(module, **replacements):
     """Let a vLLM constructor that names its sub-classes directly build ours instead."""
@@ -71,7 +89,7 @@ class LlamaMLAModel(LlamaModel):
     hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
 
 
-class LlamaMLAForCausalLM(LlamaForCausalLM):
+class LlamaMLAForCausalLM(_CheckedWeights, LlamaForCausalLM):
     hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -101,7 +119,7 @@ class Qwen2MLAModel(qwen2.Qwen2Model):
         super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=Qwen2MLADecoderLayer)
 
 
-class Qwen2MLAForCausalLM(qwen2.Qwen2ForCausalLM):
+class Qwen2MLAForCausalLM(_CheckedWeights, qwen2.Qwen2ForCausalLM):
     hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -130,7 +148,7 @@ class MixtralMLAModel(mixtral.MixtralModel):
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_substr=mixtral.MixtralModel.hf_to_vllm_mapper.orig_to_new_substr)
 
 
-class MixtralMLAForCausalLM(mixtral.MixtralForCausalLM):
+class MixtralMLAForCausalLM(_CheckedWeights, mixtral.MixtralForCausalLM):
     hf_to_vllm_mapper = MixtralMLAModel.hf_to_vllm_mapper
     packed_modules_mapping = {}
 

@@ -22,7 +22,8 @@ def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     engine_args = dict(model=job["model"], dtype=job.get("dtype", "float32"), seed=0,
-                       gpu_memory_utilization=0.5, max_model_len=job.get("max_model_len", 256),
+                       gpu_memory_utilization=job.get("gpu_memory_utilization", 0.5),
+                       max_model_len=job.get("max_model_len", 256),
                        enforce_eager=job.get("enforce_eager", True),
                        tensor_parallel_size=job.get("tp", 1), max_num_seqs=job.get("max_num_seqs", 16),
                        disable_log_stats=False)

@@ -26,6 +26,27 @@ def register_vllm() -> None:
         convertors.MODEL_ARCH_CONFIG_CONVERTORS[spec.target_model_type] = TransMLAArchConfigConvertor
     install_checkpoint_check()
     keep_cpu_defaults_for_our_models()
+    install_parallel_check()
+
+
+def install_parallel_check() -> None:
+    """vLLM's per-architecture config hook (MODELS_CONFIG_MAP, run before vLLM's own parallel checks):
+    a tensor-parallel size that does not divide the query heads is refused in one line naming the sizes
+    that work."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    class TransMLAParallelCheck(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            heads = vllm_config.model_config.hf_config.num_attention_heads
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            if heads % tp:
+                sizes = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
+                raise ValueError(f"vllm-transmla: {vllm_config.model_config.model} has {heads} attention heads, which "
+                                 f"--tensor-parallel-size {tp} does not divide: use one of {sizes}")
+
+    for arch in target_architectures():
+        MODELS_CONFIG_MAP.setdefault(arch, TransMLAParallelCheck)
 
 
 def keep_cpu_defaults_for_our_models() -> None:
@@ -56,9 +77,19 @@ def keep_cpu_defaults_for_our_models() -> None:
         if _serves_with_our_backend(vllm_config.model_config):
             scheduler.enable_chunked_prefill, scheduler.max_num_batched_tokens, cache.enable_prefix_caching = asked
             cache.block_size = asked_block
+            _logger().info("vllm-transmla: our MLA backend serves %s on CPU with chunked prefill %s, prefix caching "
+                           "%s and %d-token blocks (what was asked before vLLM's CPU platform turned them off for "
+                           "MLA models)", vllm_config.model_config.architectures[0],
+                           "on" if asked[0] else "off", "on" if asked[2] else "off", asked_block)
 
     check_and_update_config._transmla_cpu_defaults = True
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _logger():
+    from vllm.logger import init_logger
+
+    return init_logger("vllm.plugins.transmla")
 
 
 def _serves_with_our_backend(model_config) -> bool:
