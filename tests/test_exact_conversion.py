@@ -40,7 +40,13 @@ def test_converted_checkpoint_layout(name, tiny_sources, exact_converted):
     dst = exact_converted[name]
     config = json.loads((dst / "config.json").read_text())
     assert config["model_type"] in ("llama_mla", "qwen2_mla", "mixtral_mla")
-    assert config["model_type"] != "deepseek_v3" and "auto_map" not in config
+    assert config["model_type"] != "deepseek_v3"
+    # No copied remote code: auto_map only names the two shims that import the installed package
+    assert set(config["auto_map"].values()) == {f"configuration_transmla.{type_name}" for type_name in [
+        config["auto_map"]["AutoConfig"].split(".")[1]]} | {f"modeling_transmla.{config['architectures'][0]}"}
+    for shim in ("configuration_transmla.py", "modeling_transmla.py"):
+        code = [line for line in (dst / shim).read_text().splitlines() if line and not line.startswith(('"', "for"))]
+        assert len(code) == 1 and code[0].startswith("from vllm_transmla.hf."), code
     for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "qk_rope_num_blocks"):
         assert isinstance(config[key], int)
     assert config["transmla"]["mode"] == "exact"

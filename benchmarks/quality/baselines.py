@@ -126,13 +126,18 @@ def apply_mha2mla(model, budget: int, rope_pairs: int, calib_tokens: torch.Tenso
             "cached_dims": budget}
 
 
-def calibration_batch(model_path, sequences: int = 16, seq_len: int = 256) -> torch.Tensor:
-    """[sequences, seq_len] tokens of the shipped calibration text (the one our converter uses)."""
+def calibration_batch(model_path, sequences: int = 16, seq_len: int = 256, files=None) -> torch.Tensor:
+    """[sequences, seq_len] tokens of the calibration text our converter uses: `files` (read as `--calib`
+    reads them), or the shipped text."""
+    from importlib import resources
+
     from transformers import AutoTokenizer
 
-    from vllm_transmla.convert.calibration import read_calibration_texts
+    from vllm_transmla.convert.calibration import DEFAULT_CALIBRATION
+    from vllm_transmla.text_files import iter_documents
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    texts, _ = read_calibration_texts(None)
-    ids = tokenizer(texts[0], add_special_tokens=False).input_ids[: sequences * seq_len]
-    return torch.tensor(ids).view(-1, seq_len)
+    texts = (list(iter_documents(files, "calibration file", "--calib")) if files else
+             [resources.files("vllm_transmla.data").joinpath(DEFAULT_CALIBRATION).read_text()])
+    ids = [t for text in texts for t in tokenizer(text, add_special_tokens=False).input_ids][: sequences * seq_len]
+    return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)

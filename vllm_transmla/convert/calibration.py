@@ -134,9 +134,13 @@ class LayerByLayer:
     def position_embeddings(self, batch: int):
         return tuple(t.expand(batch, -1, -1) for t in self.cos_sin)
 
-    def advance(self, layer: int) -> None:
-        """Replace the hidden states by the output of the original `layer`, then drop the layer."""
+    def advance(self, layer: int, attention: torch.nn.Module | None = None) -> None:
+        """Replace the hidden states by the output of `layer`, then drop the layer: the original layer, or
+        with `attention` (the converted one) in place of its attention, so that the next layers are
+        calibrated on the converted model's own hidden states (sequential calibration, as GPTQ does)."""
         module = self.module(layer)
+        if attention is not None:
+            module.self_attn = attention
         with torch.no_grad():
             for i in range(0, self.hidden.shape[0], self.batch_size):
                 batch = self.hidden[i:i + self.batch_size]

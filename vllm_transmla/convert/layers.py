@@ -34,9 +34,11 @@ class CompressedLayers:
 
     def __init__(self, source: Source, plan: ConversionPlan, tokens: torch.Tensor):
         from .calibration import LayerByLayer
+        from .pipeline import mla_config
 
         self.source, self.plan = source, plan
         self.runner = LayerByLayer(source, tokens)
+        self.config = mla_config(source, plan.mla_shape(), {"mode": "compressed"})  # to run converted layers
         self.pair_freqs: list[list[int] | None] = []
 
     def convert(self, layer: int) -> dict[str, torch.Tensor]:
@@ -50,5 +52,14 @@ class CompressedLayers:
         tensors = build_layer(gqa, basis, plan.layer_rank(layer), w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias,
                               plan.q_lora_rank, stats.input_cov, nope_scale=self.runner.attention_scaling ** 2)
         del stats
-        self.runner.advance(layer)
+        self.runner.advance(layer, self._converted_attention(layer, tensors, w, basis.pair_freqs))
         return tensors
+
+    def _converted_attention(self, layer: int, tensors: dict, weights, pair_freqs):
+        """The converted attention of `layer`, for the decoder layer to run in place of the source's."""
+        from .mla_runner import AttentionWithOwnRope, mla_attention, rope_tables
+
+        if pair_freqs is not None:
+            self.config.qk_rope_pair_freqs = [pair_freqs] * self.source.num_layers
+        attention = mla_attention(self.config, layer, tensors, weights)
+        return AttentionWithOwnRope(attention, rope_tables(self.source, self.config, 1, self.runner.hidden.shape[1]))

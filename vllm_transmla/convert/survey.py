@@ -29,6 +29,7 @@ from ..errors import TransMLAError
 from .calibration import LayerByLayer
 from .compress import SELECT, allocate_ranks, analyse_layer, build_layer, plan_rope, rank_grid
 from .plan import AUTO, ConversionPlan, compressed_mla_shape
+from .mla_runner import mla_attention, rope_tables
 from .source import Source
 
 SURVEY_TOKENS = 8192
@@ -112,13 +113,14 @@ def survey(source: Source, tokens: torch.Tensor, plan: ConversionPlan, folds: li
             basis = analyse_layer(gqa, rope, fold, stats, weights.o)
             if basis.pair_freqs is not None:
                 configs[fold].qk_rope_pair_freqs = [basis.pair_freqs] * source.num_layers
-            attention = _mla_module(configs[fold], layer, weights)
-            cos_sin = _rope_tables(source, configs[fold], x)
+            cos_sin = rope_tables(source, configs[fold], *x.shape[:2])
             errors = {}
             for r in ranks:
                 tensors = build_layer(gqa, basis, r, weights.q, weights.k, weights.v, weights.q_bias,
                                       weights.k_bias, weights.v_bias, nope_scale=runner.attention_scaling ** 2)
-                out = _run_padded(attention, tensors, r, max(ranks), x, cos_sin)
+                attention = mla_attention(configs[fold], layer, tensors, weights, pad_to=max(ranks))
+                with torch.no_grad():
+                    out = attention(x, position_embeddings=cos_sin, attention_mask=None)[0]
                 # Relative to the residual stream the error is added to: a layer whose attention barely
                 # moves the stream matters less than one that dominates it.
                 errors[r] = ((out - reference).pow(2).sum() / stream).item()
@@ -132,49 +134,3 @@ def _original_attention(runner: LayerByLayer, layer: int, x: torch.Tensor) -> to
     with torch.no_grad():
         return runner.module(layer).self_attn(x, position_embeddings=runner.position_embeddings(x.shape[0]),
                                               attention_mask=None)[0]
-
-
-def _mla_module(config, layer: int, weights):
-    """The transformers MLA attention of `layer` at the config's (largest) rank, with the source o_proj."""
-    from ..hf.attention import MLAAttention
-
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        module = MLAAttention(config, layer).eval()
-    module.o_proj.to_empty(device="cpu")
-    with torch.no_grad():
-        module.o_proj.weight.copy_(weights.o)
-        if weights.o_bias is not None:
-            module.o_proj.bias.copy_(weights.o_bias)
-    return module
-
-
-def _run_padded(module, tensors: dict, rank: int, max_rank: int, x: torch.Tensor, cos_sin) -> torch.Tensor:
-    """The attention output [S, T, hidden] of the layer `tensors` (latent rank `rank`) in `module`, built
-    for `max_rank`: the latent's extra dims get zero rows in kv_a and zero columns in kv_b, so they are 0."""
-    pad = max_rank - rank
-    state = {k: v.float() for k, v in tensors.items()}
-    kv_a = state["kv_a_proj_with_mqa.weight"]
-    state["kv_a_proj_with_mqa.weight"] = torch.cat([kv_a[:rank], kv_a.new_zeros(pad, kv_a.shape[1]), kv_a[rank:]])
-    if "kv_a_proj_with_mqa.bias" in state:
-        b = state["kv_a_proj_with_mqa.bias"]
-        state["kv_a_proj_with_mqa.bias"] = torch.cat([b[:rank], b.new_zeros(pad), b[rank:]])
-    kv_b = state["kv_b_proj.weight"]
-    state["kv_b_proj.weight"] = torch.cat([kv_b, kv_b.new_zeros(kv_b.shape[0], pad)], dim=1)
-    for name, tensor in state.items():
-        setattr(module.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1], torch.nn.Parameter(tensor))
-    with torch.no_grad():
-        return module(x, position_embeddings=cos_sin, attention_mask=None)[0]
-
-
-def _rope_tables(source: Source, config, x: torch.Tensor):
-    """cos, sin [S, T, block] of the MLA config's rope blocks, from the family's rotary embedding class."""
-    import importlib
-
-    from ..hf.attention import rope_config
-
-    spec = source.family.calibration
-    rotary = getattr(importlib.import_module(spec["module"]), spec["rotary_embedding"])(config=rope_config(config))
-    positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
-    with torch.no_grad():
-        return rotary(x, positions)
