@@ -131,6 +131,32 @@ class LayerByLayer:
                     x_cov += x.double().T @ x.double()
         return LayerStats(key_cov=key_cov, keys=keys, values=values, query_cov=query_cov, input_cov=x_cov)
 
+    def value_refit_moments(self, layer: int, attention, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """For refit.py: per head, sum z z^T [H, R, R] and sum o z^T [H, d, R] over the calibration tokens,
+        z the converted `attention`'s (an hf MLAAttention) attention-weighted latent and o the source
+        attention's output (its o_proj input) on the same inputs; cos_sin: `attention`'s rope tables."""
+        gqa = self.source.gqa
+        source_attention = self.module(layer).self_attn
+        captured = []
+        hook = source_attention.o_proj.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        rank = attention.kv_lora_rank
+        zz = torch.zeros(gqa.num_heads, rank, rank, dtype=torch.float64)
+        oz = torch.zeros(gqa.num_heads, gqa.head_dim, rank, dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                for chunk in self.hidden.split(self.batch_size):
+                    x = self.module(layer).input_layernorm(chunk)
+                    captured.clear()
+                    source_attention(x, position_embeddings=self.position_embeddings(x.shape[0]), attention_mask=None)
+                    o = captured[0].view(*x.shape[:2], gqa.num_heads, gqa.head_dim).double()
+                    tables = tuple(t[:1].expand(x.shape[0], -1, -1) for t in cos_sin)
+                    z = attention.latent_attention(*attention.project(x, tables)).double()  # [B, T, H, R]
+                    zz += torch.einsum("bthr,bths->hrs", z, z)
+                    oz += torch.einsum("bthd,bthr->hdr", o, z)
+        finally:
+            hook.remove()
+        return zz, oz
+
     def position_embeddings(self, batch: int):
         return tuple(t.expand(batch, -1, -1) for t in self.cos_sin)
 

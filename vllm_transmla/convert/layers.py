@@ -12,6 +12,7 @@ import torch
 
 from .exact import exact_attention
 from .plan import ConversionPlan
+from .refit import refit_value_projection
 from .source import Source
 
 
@@ -52,7 +53,12 @@ class CompressedLayers:
         tensors = build_layer(gqa, basis, plan.layer_rank(layer), w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias,
                               plan.q_lora_rank, stats.input_cov, nope_scale=self.runner.attention_scaling ** 2)
         del stats
-        self.runner.advance(layer, self._converted_attention(layer, tensors, w, basis.pair_freqs))
+        converted = self._converted_attention(layer, tensors, w, basis.pair_freqs)
+        moments = self.runner.value_refit_moments(layer, converted.attention, converted.cos_sin)
+        tensors["kv_b_proj.weight"] = refit_value_projection(tensors["kv_b_proj.weight"], moments, gqa.num_heads,
+                                                             gqa.head_dim)
+        converted.attention.kv_b_proj.weight.data = tensors["kv_b_proj.weight"].float()
+        self.runner.advance(layer, converted)
         return tensors
 
     def _converted_attention(self, layer: int, tensors: dict, weights, pair_freqs):

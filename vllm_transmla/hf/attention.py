@@ -91,6 +91,15 @@ class MLAAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 **kwargs):
         b, t, _ = hidden_states.shape
+        q_nope, q_pe, c_kv, k_pe = self.project(hidden_states, position_embeddings, past_key_values)
+        attend = self._absorbed if self.absorb else self._naive
+        out = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)  # [B, T, H, v]
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim)), None
+
+    def project(self, hidden_states, position_embeddings, past_key_values=None):
+        """hidden [B, T, hidden] -> q_nope [B, H, T, nope], roped q_pe [B, H, T, rope], and the cache:
+        c_kv [B, 1, S, R], roped k_pe [B, 1, S, rope] (S = T plus what `past_key_values` held)."""
+        b, t, _ = hidden_states.shape
         q = self.q_b_proj(self.q_a_proj(hidden_states)) if self.layout.q_lora_rank else self.q_proj(hidden_states)
         q = q.view(b, t, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -110,11 +119,7 @@ class MLAAttention(nn.Module):
         c_kv, k_pe = c_kv.unsqueeze(1), k_pe.transpose(1, 2)
         if past_key_values is not None:
             c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
-
-        q_nope, q_pe = q_nope.transpose(1, 2), q_pe.transpose(1, 2)  # [B, H, T, *]
-        attend = self._absorbed if self.absorb else self._naive
-        out = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)  # [B, T, H, v]
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim)), None
+        return q_nope.transpose(1, 2), q_pe.transpose(1, 2), c_kv, k_pe
 
     def _attention(self, query, key, value, mask, kv_groups, **kwargs):
         """The configured transformers attention function (sdpa, eager, ...) -> [B, T, H, Dv]."""
@@ -138,10 +143,17 @@ class MLAAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
         """Absorb W_UK into the queries and W_UV into the output: one shared latent "head" (MQA)."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, d, R]
-        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+        out_latent = self.latent_attention(q_nope, q_pe, c_kv, k_pe, mask, **kwargs)
+        return torch.einsum("bthr,hdr->bthd", out_latent, self._up_projections()[1])
+
+    def latent_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None, **kwargs) -> torch.Tensor:
+        """Each head's attention-weighted mean of the cached latents, before W_UV: [B, T, H, R]."""
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, self._up_projections()[0])
         q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, T, R + rope]
         k = torch.cat([c_kv, k_pe], dim=-1)  # [B, 1, S, R + rope]
-        out_latent = self._attention(q, k, c_kv, mask, kv_groups=self.num_heads, **kwargs)  # [B,T,H,R]
-        return torch.einsum("bthr,hdr->bthd", out_latent, w_uv)
+        return self._attention(q, k, c_kv, mask, kv_groups=self.num_heads, **kwargs)
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, R] and W_UV [H, v, R], views of kv_b_proj.weight."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        return w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
