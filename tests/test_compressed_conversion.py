@@ -75,8 +75,8 @@ def test_lossless_when_the_source_has_the_structure(name, tmp_path, tokens):
     assert diff < 1e-3, diff
 
     # The selected-frequency layout finds the same structure.
-    select = convert(structured, tmp_path / "select", kv_lora_rank=8, qk_rope_dim=32, calib_seq_len=64,
-                     progress=False)
+    select = convert(structured, tmp_path / "select", kv_lora_rank=8, qk_rope_dim=32, freqfold="select",
+                     calib_seq_len=64, progress=False)
     assert json.loads((select / "config.json").read_text())["transmla"]["freqfold"] == "select"
     assert (_logits(structured, tokens) - _logits(select, tokens)).abs().max().item() < 1e-3
 

@@ -8,28 +8,17 @@ greedy near-ties (seen here: top-2 logprobs 0.0078 apart, i.e. one bf16 step), i
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from reference import run_vllm
+from server import vllm_server
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["In the beginning God created", "And the evening and the morning were"]
 MAX_TOKENS = 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CHAT = [{"role": "user", "content": "Let there be light"}]
@@ -52,31 +41,8 @@ def offline(exact_converted):
 @pytest.fixture(scope="module")
 def server(exact_converted, offline, soak_prompts, tmp_path_factory):
     model = exact_converted["llama-rope3"]
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    vllm_cli = Path(sys.executable).with_name("vllm")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(vllm_cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                 "--gpu-memory-utilization", "0.5", "--dtype", "float32"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    import openai
-
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-    deadline = time.time() + 400
-    while True:
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            assert proc.poll() is None, f"server exited:\n{log.read_text()[-5000:]}"
-            assert time.time() < deadline, f"server did not start:\n{log.read_text()[-5000:]}"
-            time.sleep(2)
-    yield client, model
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    with vllm_server(model, tmp_path_factory.mktemp("server") / "server.log") as client:
+        yield client, model
 
 
 def test_completions_and_chat_equal_offline(server, offline):

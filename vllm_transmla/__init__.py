@@ -2,11 +2,17 @@
 and serve them in vLLM with a compressed, paged latent KV cache.
 
 Importing the package registers the converted checkpoints' config and model classes with
-transformers' Auto classes, so `AutoModelForCausalLM.from_pretrained(converted_dir)` works.
+transformers' Auto classes, so `AutoModelForCausalLM.from_pretrained(converted_dir)` works: at once if
+transformers is already imported, else the moment it is (a post-import hook), so that `import
+vllm_transmla` itself - and `transmla --help` - load neither torch nor transformers.
 `register()` is vLLM's plugin entry point (group `vllm.general_plugins`).
 """
 
 from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
@@ -53,4 +59,27 @@ def register() -> None:
     register_vllm()
 
 
-register_hf()
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Runs register_hf() right after `transformers` finishes importing (once; then it leaves sys.meta_path)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                if "vllm_transmla.hf" not in sys.modules:  # else our classes are mid-import; hf/ registers them
+                    register_hf()
+
+            spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    register_hf()
+elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterTransformers())

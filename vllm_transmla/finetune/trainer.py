@@ -91,21 +91,31 @@ class DistillationTrainer(Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Held-out perplexity of the student on `eval_text` (windows of `eval_seq_len` + 1 tokens)."""
-        if self.eval_text is None:
+        """Held-out perplexity of the student on each `eval_text` (windows of `eval_seq_len` + 1 tokens):
+        `<prefix>_perplexity` for the first text, and `<prefix>_<file stem>_perplexity` for each when there
+        are several."""
+        if not self.eval_text:
             return {}
+        from pathlib import Path
+
         from ..evaluate import perplexity
 
+        texts = [self.eval_text] if isinstance(self.eval_text, (str, Path)) else list(self.eval_text)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
+        metrics = {}
         try:
-            result = perplexity(self.eval_tokenizer, self.eval_text, seq_len=self.eval_seq_len,
-                                max_tokens=self.eval_tokens, model=model)
+            for i, text in enumerate(texts):
+                result = perplexity(self.eval_tokenizer, text, seq_len=self.eval_seq_len, max_tokens=self.eval_tokens,
+                                    model=model)
+                names = ([metric_key_prefix] if i == 0 else []) + ([f"{metric_key_prefix}_{Path(text).stem}"]
+                                                                  if len(texts) > 1 else [])
+                for name in names:
+                    metrics[f"{name}_perplexity"] = round(result["perplexity"], 4)
+                    metrics[f"{name}_nll"] = round(result["nll"], 6)
         finally:
             model.train(was_training)
-        metrics = {f"{metric_key_prefix}_perplexity": round(result["perplexity"], 4),
-                   f"{metric_key_prefix}_nll": round(result["nll"], 6)}
         self.log(metrics)
         return metrics
 

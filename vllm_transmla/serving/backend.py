@@ -21,12 +21,12 @@ choice for other models is untouched.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from .. import envs
 from vllm.model_executor.layers.attention.mla_attention import (
     MLACommonBackend,
     MLACommonDecodeMetadata,
@@ -54,7 +54,7 @@ class LatentMLAMetadata(MLACommonMetadata):
 # R (d_nope + d_v) / (2 R + D) query tokens, 60 for 512 + 64 and heads of 64, 120 for heads of 128.
 # VLLM_TRANSMLA_SHORT_QUERY_TOKENS=1 sends every multi-token query to the prefill path, as vLLM does
 # (benchmarks/speed/prefix_hit.py compares the two).
-SHORT_QUERY_TOKENS = int(os.environ.get("VLLM_TRANSMLA_SHORT_QUERY_TOKENS", "16"))
+SHORT_QUERY_TOKENS = envs.short_query_tokens()
 
 
 class LatentMLAMetadataBuilder(MLACommonMetadataBuilder[LatentMLAMetadata]):

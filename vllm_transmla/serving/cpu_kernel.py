@@ -16,12 +16,13 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .. import envs
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ ENV_SWITCH = "VLLM_TRANSMLA_CPU_KERNEL"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("VLLM_TRANSMLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vllm_transmla")
-    return Path(root) / "kernels"
+    return envs.cache_root() / "kernels"
 
 
 def _cpu_has_avx2() -> bool:
@@ -71,12 +71,12 @@ def _build(compiler: str) -> Path:
 
 def compiler() -> str | None:
     """The C compiler the kernels are built with: $CC, else cc, else gcc (None when there is none)."""
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return envs.c_compiler()
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not _cpu_has_avx2():
+    if not envs.cpu_kernel_enabled() or not _cpu_has_avx2():
         return None
     compiler_path = compiler()
     if compiler_path is None:

@@ -33,8 +33,8 @@ def run(job: dict) -> dict:
         if key in job:  # else vLLM's defaults
             engine_args[key] = job[key]
     llm = LLM(**engine_args)
-    params = SamplingParams(max_tokens=job.get("max_tokens", 32), temperature=0.0, ignore_eos=True,
-                            logprobs=job.get("logprobs", 5))
+    params = SamplingParams(max_tokens=job.get("max_tokens", 32), temperature=0.0,
+                            ignore_eos=job.get("ignore_eos", True), logprobs=job.get("logprobs", 5))
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
     if job.get("warmup"):  # one short request first, so timings leave out first-call costs
         llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)
