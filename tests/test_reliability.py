@@ -226,6 +226,15 @@ def compressed(tmp_path_factory):
     return dst
 
 
+@pytest.fixture(scope="module")
+def compressed_selected(tmp_path_factory):
+    """Rope pairs chosen one by one (`--freqfold select`): the config lists each layer's frequencies."""
+    src = build_tiny_model("llama-rope3", tmp_path_factory.mktemp("reliability") / "src", num_hidden_layers=2)
+    dst = src.parent / "mla"
+    assert cli_main(["convert", str(src), str(dst), "--quiet", "--kv-ratio", "0.5", "--freqfold", "select"]) == 0
+    return dst
+
+
 def _copy_with_config(ckpt: Path, out: Path, **changes) -> Path:
     import shutil
 
@@ -246,7 +255,8 @@ def _copy_with_config(ckpt: Path, out: Path, **changes) -> Path:
     (lambda c: {"qk_rope_num_blocks": 3}, r"qk_rope_num_blocks=3: it must be a positive integer dividing"),
     (lambda c: {"qk_rope_num_blocks": 0}, r"qk_rope_num_blocks=0"),
 ])
-def test_check_refuses_rope_layouts_the_model_cannot_run(change, pattern, compressed, tmp_path, capsys):
+def test_check_refuses_rope_layouts_the_model_cannot_run(change, pattern, compressed_selected, tmp_path, capsys):
+    compressed = compressed_selected
     cfg = json.loads((compressed / "config.json").read_text())
     broken = _copy_with_config(compressed, tmp_path / "broken", **change(cfg))
     expect_error(capsys, ["check", str(broken)], pattern)
@@ -408,3 +418,19 @@ def test_warmup_never_spends_a_step_at_learning_rate_zero(student_and_teacher, t
     after = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
     changed = [k for k in before if "kv_b_proj" in k and not torch.equal(before[k], after[k])]
     assert changed, "one optimizer step with --warmup-steps 1 left the trained weights as they were"
+
+
+def test_rope_width_note_names_the_budget_and_the_plan_is_checked_before_calibration():
+    """SmolLM2's shape (9 heads x 64, 3 KV heads): at 25% the note says why the rope part is 32 wide, and
+    an absurd ratio is refused by the plan, before any calibration runs."""
+    from vllm_transmla.convert.geometry import GQAShape
+    from vllm_transmla.convert.plan import ConvertOptions, plan_conversion
+    from vllm_transmla.errors import TransMLAError
+
+    gqa = GQAShape(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64)
+    plan = plan_conversion(gqa, 30, ConvertOptions(kv_ratio=0.25))
+    note = next(n for n in plan.notes if n.startswith("qk_rope_dim set to 32"))
+    assert "budget of 96" in note and "head_dim 64" in note, note
+    assert any("64 + 32 rope = 96 of the 384" in n for n in plan.notes)
+    with pytest.raises(TransMLAError, match="--kv-ratio 0.01 leaves no latent worth caching"):
+        plan_conversion(gqa, 30, ConvertOptions(kv_ratio=0.01))

@@ -59,7 +59,7 @@ def main() -> None:
         model = args.model or str(fetch_smollm2().hf)
         texts = args.texts or [str(DATA / "kjv_heldout.txt"), str(DATA / "devils_dictionary_heldout.txt")]
         calib = args.calib or list(LICENSE_TEXTS)
-        fractions = args.fractions or [0.125, 0.25, 0.375, 0.5, 0.75]
+        fractions = args.fractions or [0.25, 0.5, 0.125, 0.75, 0.375]  # the issue's two first
         out = Path(args.out or Path(__file__).with_name("results_smollm2.json"))
     else:
         model = args.model or str(DATA / "reference_model")
@@ -67,7 +67,7 @@ def main() -> None:
         calib = args.calib
         fractions = args.fractions or [0.125, 0.1875, 0.25, 0.375, 0.5, 0.75]
         out = Path(args.out or Path(__file__).with_name("results.json"))
-    results = run(model, texts, calib, fractions, args.methods)
+    results = run(model, texts, calib, fractions, args.methods, out)
     out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(json.dumps(results["claims"], indent=2))
@@ -85,7 +85,10 @@ def perplexities(model_path, texts: list[str], model=None) -> dict:
     return {Path(t).stem: round(perplexity(model_path, t, model=model)["perplexity"], 4) for t in texts}
 
 
-def run(model: str, texts: list[str], calib, fractions: list[float], methods: list[str]) -> dict:
+def run(model: str, texts: list[str], calib, fractions: list[float], methods: list[str],
+        out: Path | None = None) -> dict:
+    """Every method at every fraction (in the order given); with `out`, the runs so far are written there
+    after each one (an hour-long sweep that stops early keeps what it measured)."""
     from transformers import AutoConfig
 
     from vllm_transmla.convert.pipeline import convert
@@ -99,6 +102,8 @@ def run(model: str, texts: list[str], calib, fractions: list[float], methods: li
         results["runs"].append({"method": method, "kv_fraction": fraction, **(settings or {}), "perplexity": ppl,
                                 "seconds": round(seconds, 1) if seconds is not None else None})
         print(json.dumps(results["runs"][-1]), flush=True)
+        if out is not None:
+            out.write_text(json.dumps(results, indent=2) + "\n")
 
     record("original", 1.0, perplexities(model, texts))
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,11 +111,17 @@ def run(model: str, texts: list[str], calib, fractions: list[float], methods: li
         exact = convert(model, Path(tmp) / "exact", progress=False)
         record("exact", 1.0, perplexities(exact, texts), seconds=time.time() - t)
         for fraction in fractions:
+            default = None  # the "ours" run at this fraction
             for method in [m for m in methods if m in OURS]:
                 options = dict(OURS[method])
                 if options.get("freqfold") == "paper":
                     options["freqfold"] = _paper_freqfold(model, fraction)
                     if options["freqfold"] is None:
+                        continue
+                    if default is not None and default["freqfold"] == options["freqfold"]:
+                        record(method, fraction, default["perplexity"],  # the same conversion: not run twice
+                               {k: default[k] for k in ("kv_lora_rank", "kv_lora_ranks", "qk_rope_head_dim",
+                                                        "freqfold")} | {"same_as": "ours"})
                         continue
                 t = time.time()
                 dst = convert(model, Path(tmp) / f"{method}-{fraction}", kv_ratio=fraction, calib=calib,
@@ -120,6 +131,8 @@ def run(model: str, texts: list[str], calib, fractions: list[float], methods: li
                 record(method, fraction, perplexities(dst, texts), {
                     "kv_lora_rank": mla["kv_lora_rank"], "kv_lora_ranks": mla.get("kv_lora_ranks"),
                     "qk_rope_head_dim": mla["qk_rope_head_dim"], "freqfold": mla["transmla"]["freqfold"]}, seconds)
+                if method == "ours":
+                    default = results["runs"][-1]
             _baselines(model, texts, calib, fraction, int(round(fraction * 2 * n_kv * d)), methods, record)
     results["claims"] = claims(results)
     return results

@@ -111,7 +111,7 @@ def _block_table(batch: int, blocks_per_seq: int, gen) -> torch.Tensor:
 
 def mla_case(batch: int, context: int, heads: int, rank: int, rope: int, kernel: str, block: int = 16) -> dict:
     from vllm_transmla.serving import cpu_kernel
-    from vllm_transmla.serving.backend import paged_latent_decode, torch_latent_decode
+    from vllm_transmla.serving.latent_math import paged_latent_decode, torch_latent_decode
 
     gen = torch.Generator().manual_seed(0)
     blocks = context // block

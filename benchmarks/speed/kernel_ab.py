@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vllm_transmla.serving import cpu_kernel
-from vllm_transmla.serving.backend import _workspace
+from vllm_transmla.serving.latent_math import workspace as _workspace
 
 ROOT = Path(__file__).resolve().parents[2]
 

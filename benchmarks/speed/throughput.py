@@ -11,7 +11,8 @@ process of its own (on CPU with its engine core inline, see --engine-process).
 
 Default pairs (`--pairs`): the reference model and its 25% conversion; random MHA-shaped and 4:1
 GQA-shaped Llama models (~100-200M parameters, built here) converted to 512 + 64; `mha128` is the MHA
-shape with LLaMA-2-7B's head size (8 heads x 128 instead of 16 x 64, the same cache per token).
+shape with LLaMA-2-7B's head size (8 heads x 128 instead of 16 x 64, the same cache per token);
+`smollm2-50` / `smollm2-25`: the real model (`transmla fetch`) and its conversion to 50% / 25% of its cache.
 
     python benchmarks/speed/throughput.py                            # all pairs, L = 256 .. 1024
     python benchmarks/speed/throughput.py --pairs mha --lengths 512 2048 --prompts 16
@@ -35,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # caches 1024 (512 + 64 is 56%). Absorbed MLA decoding costs ~4 (R + D/2) FLOPs per query head and cached
 # token, per-head attention reads 8 d bytes per KV head (fp32): on a compute-bound CPU the head size
 # decides which is faster.
-PAIRS = ["reference", "mha", "mha128", "gqa"]
+PAIRS = ["reference", "mha", "mha128", "gqa", "smollm2-50", "smollm2-25"]
+DEFAULT_PAIRS = ["reference", "mha", "gqa"]
 SHAPES = {
     "mha": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                 num_key_value_heads=16, head_dim=64, vocab_size=8192),
@@ -53,6 +55,12 @@ def build_pair(name: str, root: Path) -> tuple[Path, Path]:
     if name == "reference":
         src = reference_model()
         return src, convert(src, root / "reference-25", kv_ratio=0.25, progress=False)
+    if name.startswith("smollm2-"):  # the real model (`transmla fetch`) and its conversion from the GGUF file
+        from vllm_transmla.real_model import fetch_smollm2
+
+        model = fetch_smollm2()
+        fraction = int(name.split("-")[1]) / 100
+        return model.hf, convert(model.gguf, root / name, kv_ratio=fraction, progress=False)
     from vllm_transmla.tiny import build_tiny_model
 
     src = build_tiny_model("llama-tied", root / name, tie_word_embeddings=False,
@@ -133,7 +141,7 @@ def finish_times(timeline: list[dict] | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["reference", "mha", "gqa"], choices=PAIRS)
+    parser.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, choices=PAIRS)
     parser.add_argument("--original", help="your own original checkpoint (with --converted)")
     parser.add_argument("--converted", help="its converted checkpoint")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])

@@ -14,6 +14,7 @@ from ..errors import TransMLAError
 from ..text_files import iter_documents
 from .compress import LayerStats
 from .plan import Calibration
+from .refit import refit_moments
 from .source import Source
 
 # Proverbs and Mark (King James Version, public domain): never part of the held-out evaluation text.
@@ -150,9 +151,10 @@ class LayerByLayer:
                     source_attention(x, position_embeddings=self.position_embeddings(x.shape[0]), attention_mask=None)
                     o = captured[0].view(*x.shape[:2], gqa.num_heads, gqa.head_dim).double()
                     tables = tuple(t[:1].expand(x.shape[0], -1, -1) for t in cos_sin)
-                    z = attention.latent_attention(*attention.project(x, tables)).double()  # [B, T, H, R]
-                    zz += torch.einsum("bthr,bths->hrs", z, z)
-                    oz += torch.einsum("bthd,bthr->hdr", o, z)
+                    z = attention.latent_attention(*attention.project(x, tables))  # [B, T, H, R]
+                    chunk_zz, chunk_oz = refit_moments(z, o)
+                    zz += chunk_zz
+                    oz += chunk_oz
         finally:
             hook.remove()
         return zz, oz

@@ -16,7 +16,7 @@ from ..checkpoint.writer import ShardWriter
 from ..errors import TransMLAError
 from ..hf.configuration import MLA_CONFIG_CLASSES, mla_kv_bytes_per_token
 from ..hf.remote_code import auto_map, write_remote_code
-from .memory import return_large_blocks_to_the_system
+from .memory import large_blocks_returned
 from .plan import ConversionPlan, ConvertOptions, plan_conversion
 from .source import Source, open_source
 
@@ -107,21 +107,21 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions | None = N
     dst = check_destination(src, dst, overwrite)
     for note in plan.notes:
         print(f"transmla: {note}", file=sys.stderr)
-    return_large_blocks_to_the_system()
-    layers, plan = _layer_converter(source, plan, progress)
-    config = mla_config(source, plan.mla_shape(), plan.settings())
-    window = config.transmla["source_sliding_window"]
-    if window:
-        print(f"transmla: the source uses a sliding window of {window} tokens; the MLA model attends to the "
-              f"whole context, which is the same function for sequences up to {window} tokens", file=sys.stderr)
-    with atomic_directory(dst, overwrite) as tmp:
-        dtype = _write_tensors(source, layers, ShardWriter(tmp, shard_bytes), progress)
-        if any(f is not None for f in layers.pair_freqs):
-            config.qk_rope_pair_freqs = layers.pair_freqs
-        config.dtype = dtype
-        config.save_pretrained(tmp)
-        write_remote_code(tmp, type(config).__name__, config.architectures[0])
-        source.write_side_files(tmp)
+    with large_blocks_returned():
+        layers, plan = _layer_converter(source, plan, progress)
+        config = mla_config(source, plan.mla_shape(), plan.settings())
+        window = config.transmla["source_sliding_window"]
+        if window:
+            print(f"transmla: the source uses a sliding window of {window} tokens; the MLA model attends to the "
+                  f"whole context, which is the same function for sequences up to {window} tokens", file=sys.stderr)
+        with atomic_directory(dst, overwrite) as tmp:
+            dtype = _write_tensors(source, layers, ShardWriter(tmp, shard_bytes), progress)
+            if any(f is not None for f in layers.pair_freqs):
+                config.qk_rope_pair_freqs = layers.pair_freqs
+            config.dtype = dtype
+            config.save_pretrained(tmp)
+            write_remote_code(tmp, type(config).__name__, config.architectures[0])
+            source.write_side_files(tmp)
     return dst
 
 

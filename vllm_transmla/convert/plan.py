@@ -176,10 +176,11 @@ def _default_rope_dim(gqa: GQAShape, budget: int | None, ratio, notes: list[str]
     limit = min(64, gqa.head_dim, max(2, budget // 2) if budget is not None else 64)
     rope = max(r for r in range(2, limit + 1, 2) if gqa.head_dim % r == 0)
     if rope != 64:
-        if gqa.head_dim < 64:
+        if limit == gqa.head_dim and gqa.head_dim < 64:
             why = f"head_dim is {gqa.head_dim}"
         else:
-            why = f"half of the --kv-ratio {ratio} budget of {budget} cached values is {budget // 2}"
+            why = (f"the widest that divides head_dim {gqa.head_dim} within half of the --kv-ratio {ratio} budget "
+                   f"of {budget} cached values")
         notes.append(f"qk_rope_dim set to {rope} ({why}; pass --qk-rope-dim to choose)")
     return rope
 

@@ -34,3 +34,9 @@ def refit_value_projection(kv_b: torch.Tensor, moments: tuple[torch.Tensor, torc
         prior = out[h, -head_dim:]
         out[h, -head_dim:] = torch.linalg.solve(zz[h] + lam * eye, (oz[h] + lam * prior).T).T
     return out.reshape(kv_b.shape).to(kv_b.dtype).contiguous()
+
+
+def refit_moments(z: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum z z^T [H, R, R] and sum o z^T [H, d, R] (float64) of z [B, T, H, R] and o [B, T, H, d]."""
+    z, o = z.double(), o.double()
+    return torch.einsum("bthr,bths->hrs", z, z), torch.einsum("bthd,bthr->hdr", o, z)

@@ -39,7 +39,7 @@ class FinetuneSettings:
     batch_size: int = 8
     grad_accum: int = 1
     seq_len: int = 256
-    lr: float = 1e-3
+    lr: float = 2e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     dtype: str = "float32"

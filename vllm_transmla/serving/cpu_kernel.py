@@ -91,24 +91,49 @@ def _library() -> ctypes.CDLL | None:
     return _declare(lib)
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """The C signatures (pointers as void*, so 64-bit addresses pass intact)."""
-    lib.latent_decode.restype = ctypes.c_int
-    lib.latent_decode.argtypes = [
+# The ctypes signature of each exported kernel function (pointers as void*, so 64-bit addresses pass
+# intact); `_check_against_sources` compares them with the C prototypes at load.
+SIGNATURES = {
+    "latent_decode": (ctypes.c_int, [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-    ]
-    lib.latent_decode_workspace_floats.restype = ctypes.c_long
-    lib.latent_decode_workspace_floats.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                                   ctypes.c_int, ctypes.c_int]
-    lib.prefill_attention.restype = ctypes.c_int
-    lib.prefill_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]),
+    "latent_decode_workspace_floats": (ctypes.c_long, [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                       ctypes.c_int, ctypes.c_int]),
+    "prefill_attention": (ctypes.c_int, [
         ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int,
-        ctypes.c_int,
-    ]
+        ctypes.c_int]),
+}
+C_TYPES = {"int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float}
+
+
+def c_prototypes() -> dict[str, tuple]:
+    """(return type, [argument types]) of every non-static function defined in SOURCES, as ctypes types
+    (any pointer is c_void_p)."""
+    import re
+
+    found = {}
+    for source in SOURCES:
+        text = re.sub(r"/\*.*?\*/", "", source.read_text(), flags=re.S)
+        for ret, name, args in re.findall(r"^(int|long|float|void)\s+(\w+)\(([^)]*)\)\s*\{", text, flags=re.M):
+            types = []
+            for arg in args.split(","):
+                arg = arg.strip()
+                types.append(ctypes.c_void_p if "*" in arg else C_TYPES[arg.rsplit(None, 1)[0].split()[-1]])
+            found[name] = (C_TYPES.get(ret), types)
+    return found
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    prototypes = c_prototypes()
+    for name, (restype, argtypes) in SIGNATURES.items():
+        if prototypes.get(name) != (restype, argtypes):
+            raise RuntimeError(f"transmla: the ctypes signature of {name} does not match its C prototype in "
+                               f"serving/csrc ({prototypes.get(name)}): fix cpu_kernel.SIGNATURES")
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
     return lib
 
 

@@ -8,7 +8,7 @@ import contextlib
 import torch
 from torch import nn
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.models import mixtral, qwen2
+from vllm.model_executor.models import mixtral
 from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP, LlamaModel
 from vllm.model_executor.models.utils import WeightsMapper
 
@@ -40,7 +40,8 @@ class _CheckedWeights:
 
 @contextlib.contextmanager
 def _module_globals(module, **replacements):
-    """Let a vLLM constructor that names its sub-classes directly build ours instead."""
+    """Let a vLLM constructor that names its sub-classes directly build ours instead: vLLM 0.32 / 0.33's
+    Mixtral has no layer-type hook (Llama's has one, and Llama and Qwen2 use it)."""
     saved = {name: getattr(module, name) for name in replacements}
     for name, value in replacements.items():
         setattr(module, name, value)
@@ -101,31 +102,11 @@ class LlamaMLAForCausalLM(_CheckedWeights, LlamaForCausalLM):
 
 
 # --- Qwen2 -----------------------------------------------------------------------------------------
-class Qwen2MLADecoderLayer(_MLADecoderLayer):
-    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = ""):
-        super().__init__()
-        self._init_attention(config, cache_config, quant_config, prefix)
-        self.mlp = qwen2.Qwen2MLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                                  quant_config=quant_config, prefix=f"{prefix}.mlp")
-
-    def _ffn(self, x):
-        return self.mlp(x)
-
-
-class Qwen2MLAModel(qwen2.Qwen2Model):
-    hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
-
-    def __init__(self, *, vllm_config, prefix: str = "", decoder_layer_type=Qwen2MLADecoderLayer):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=Qwen2MLADecoderLayer)
-
-
-class Qwen2MLAForCausalLM(_CheckedWeights, qwen2.Qwen2ForCausalLM):
-    hf_to_vllm_mapper = MLA_WEIGHTS_MAPPER
-    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        with _module_globals(qwen2, Qwen2Model=Qwen2MLAModel):
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
+# A Qwen2 decoder layer is a Llama one up to the attention biases, which our latent attention carries
+# (mla_q_bias / mla_kv_a_bias), and the tensor names are Llama's: vLLM's Llama model with its layer_type
+# hook builds it, so no vLLM internals are swapped.
+class Qwen2MLAForCausalLM(LlamaMLAForCausalLM):
+    pass
 
 
 # --- Mixtral ---------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ CPU_DEFAULT_BLOCK_SIZE = 128  # what vLLM's CPU platform gives every model it do
 
 
 def register_vllm() -> None:
+    from .vllm_compat import check_version
+
+    check_version()
     from vllm import ModelRegistry
     from vllm.transformers_utils import model_arch_config_convertor as convertors
 
