@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vllm_transmla.convert.pipeline import convert
-from vllm_transmla.tiny import TINY_MODELS, build_tiny_model
+from vllm_transmla.testing.tiny import TINY_MODELS, build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def tree_digest(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def random_mla(tmp_path_factory) -> dict[str, Path]:
     """MLA checkpoints with latent widths the stock CPU kernel does and does not take."""
-    from vllm_transmla.tiny import build_random_mla
+    from vllm_transmla.testing.tiny import build_random_mla
 
     root = tmp_path_factory.mktemp("random_mla")
     return {
@@ -46,7 +46,7 @@ def random_mla(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def prompts() -> list[list[int]]:
     """Four prompts of 6 to 24 tokens from the shipped sample text."""
-    from vllm_transmla.tiny import build_tokenizer, sample_text
+    from vllm_transmla.testing.tiny import build_tokenizer, sample_text
 
     tok = build_tokenizer(384)
     lines = sample_text().splitlines()

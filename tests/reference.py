@@ -28,8 +28,8 @@ def hf_greedy(model_path, prompts: list[list[int]], max_tokens: int, dtype=torch
 
 
 def run_vllm(job: dict, env: dict | None = None) -> dict:
-    """Run a vLLM engine job in a fresh process (see vllm_transmla.serving.offline)."""
-    from vllm_transmla.serving.offline import run_in_subprocess
+    """Run a vLLM engine job in a fresh process (see vllm_transmla.testing.offline)."""
+    from vllm_transmla.testing.offline import run_in_subprocess
 
     return run_in_subprocess(job, env=env)
 

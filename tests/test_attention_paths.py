@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from vllm_transmla.hf.configuration import LlamaMLAConfig, Qwen2MLAConfig
 from vllm_transmla.hf.modeling import LlamaMLAForCausalLM, Qwen2MLAForCausalLM, set_absorbed
-from vllm_transmla.tiny import TINY_MODELS
+from vllm_transmla.testing.tiny import TINY_MODELS
 
 # Random MLA shapes of the compressed kind: nope > 0, a rope block of its own, low latent rank.
 RANDOM_SHAPES = {

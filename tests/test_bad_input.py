@@ -16,7 +16,7 @@ import pytest
 from conftest import tree_digest
 from vllm_transmla.cli import main as cli_main
 from vllm_transmla.convert import layers, pipeline
-from vllm_transmla.tiny import build_tiny_model
+from vllm_transmla.testing.tiny import build_tiny_model
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from vllm_transmla.convert.pipeline import convert
 from vllm_transmla.errors import TransMLAError
-from vllm_transmla.tiny import TINY_MODELS
+from vllm_transmla.testing.tiny import TINY_MODELS
 
 
 def _logits(path, tokens):
@@ -63,7 +63,7 @@ def test_lossless_when_the_source_has_the_structure(name, tmp_path, tokens):
     """Latent 8 + 32 (31% of the 128-value cache): RoRoPE finds that the second KV head's keys repeat the
     first's and keeps all key information in 32 rope dims; the joint PCA finds the rank-8 values. The
     compressed model then equals the source; a compressed model of the unstructured source does not."""
-    from vllm_transmla.tiny import build_tiny_model
+    from vllm_transmla.testing.tiny import build_tiny_model
 
     structured = build_tiny_model(name, tmp_path / "src")
     _make_low_rank(structured)

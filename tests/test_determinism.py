@@ -8,7 +8,7 @@ import pytest
 
 from reference import run_vllm
 from vllm_transmla.convert.pipeline import convert
-from vllm_transmla.tiny import build_tokenizer, sample_text
+from vllm_transmla.testing.tiny import build_tokenizer, sample_text
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 32

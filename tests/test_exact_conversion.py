@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import vllm_transmla  # noqa: F401  (registers the MLA classes)
 from vllm_transmla.convert.pipeline import kv_bytes_per_token
-from vllm_transmla.tiny import TINY_MODELS
+from vllm_transmla.testing.tiny import TINY_MODELS
 
 SEQ_LEN = 48  # longer than llama-rope3's original_max_position_embeddings (16)
 
@@ -90,7 +90,7 @@ def test_greedy_generation_matches(tiny_sources, exact_converted):
 
 def test_source_dtype_kept(tmp_path):
     from vllm_transmla.convert.pipeline import convert
-    from vllm_transmla.tiny import build_tiny_model
+    from vllm_transmla.testing.tiny import build_tiny_model
 
     src = build_tiny_model("llama-tied", tmp_path / "src", dtype=torch.bfloat16)
     dst = convert(src, tmp_path / "dst", progress=False)

@@ -18,7 +18,7 @@ from vllm_transmla.convert.pipeline import convert
 from vllm_transmla.errors import TransMLAError
 from vllm_transmla.finetune.run import FinetuneSettings, finetune
 from vllm_transmla.finetune.trainer import distillation_loss
-from vllm_transmla.tiny import SAMPLE_TEXT
+from vllm_transmla.testing.tiny import SAMPLE_TEXT
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "vllm_transmla" / "data"
 TRAIN_TEXT = DATA_DIR / SAMPLE_TEXT  # Genesis, 4 KB
@@ -166,7 +166,7 @@ def test_bad_finetune_input_is_refused_before_training(case, student_teacher, ti
     if case == "not-converted":
         kwargs["student"] = teacher
     elif case == "other-vocab":
-        from vllm_transmla.tiny import build_tiny_model
+        from vllm_transmla.testing.tiny import build_tiny_model
 
         kwargs["teacher"] = build_tiny_model("llama-mha", tmp_path / "other", vocab_size=320)
     elif case == "out-exists":

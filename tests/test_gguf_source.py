@@ -12,7 +12,7 @@ import torch
 from gguf_files import permute, write_gguf
 from vllm_transmla.checkpoint.gguf_file import GGUFCheckpoint, unpermute_rows
 from vllm_transmla.cli import main as cli_main
-from vllm_transmla.tiny import build_tiny_model
+from vllm_transmla.testing.tiny import build_tiny_model
 
 IDS = torch.randint(3, 384, (2, 40), generator=torch.Generator().manual_seed(2))
 

@@ -137,3 +137,39 @@ def test_supported_vllm_versions_and_every_internal_we_use_exists():
         with pytest.raises(RuntimeError, match=rf"supports vLLM 0.32 to 0.33, not {bad}: install"):
             check_version(bad)
     assert missing_names(Path(vllm.__file__).parents[1]) == []
+
+
+ENGINE_CONFIG_CHECK = r"""
+import logging, sys
+from vllm.engine.arg_utils import EngineArgs
+from vllm_transmla.errors import TransMLAError
+model = sys.argv[1]
+try:
+    EngineArgs(model=model, tensor_parallel_size=4).create_engine_config()
+    print("TP4 ACCEPTED")
+except TransMLAError as err:
+    print("TP4 REFUSED:", err)
+cfg = EngineArgs(model=model).create_engine_config()
+print("DEFAULTS", cfg.scheduler_config.enable_chunked_prefill, cfg.cache_config.enable_prefix_caching,
+      cfg.cache_config.block_size)
+"""
+
+
+@pytest.mark.slow
+def test_engine_config_refuses_a_tp_size_that_does_not_divide_the_heads_and_says_what_it_restored(tmp_path):
+    """vLLM's own config creation (what `vllm serve` and `LLM()` run before any weights load): a 6-head
+    model at --tensor-parallel-size 4 is refused by our one-line error (not vLLM's pydantic report after
+    start-up), and on CPU the plugin logs the chunked prefill, prefix caching and block size it put back."""
+    from vllm_transmla.cli import main as cli_main
+    from vllm_transmla.testing.tiny import build_tiny_model
+
+    src = build_tiny_model("llama-rope3", tmp_path / "src", num_attention_heads=6, hidden_size=96)
+    assert cli_main(["convert", str(src), str(tmp_path / "mla"), "--quiet"]) == 0
+    proc = subprocess.run([sys.executable, "-c", ENGINE_CONFIG_CHECK, str(tmp_path / "mla")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("TP4 REFUSED: " + str(tmp_path / "mla") + " has 6 attention heads, which --tensor-parallel-size 4 "
+            "does not divide: use one of 1, 2, 3, 6") in proc.stdout
+    assert "DEFAULTS True True 128" in proc.stdout
+    assert ("vllm-transmla: our MLA backend serves LlamaMLAForCausalLM on CPU with chunked prefill on, prefix "
+            "caching on and 128-token blocks") in proc.stdout + proc.stderr

@@ -14,7 +14,7 @@ import torch
 
 from conftest import tree_digest
 from vllm_transmla.cli import main as cli_main
-from vllm_transmla.tiny import build_tiny_model
+from vllm_transmla.testing.tiny import build_tiny_model
 
 
 @pytest.fixture
@@ -115,20 +115,35 @@ def _point_index_outside(src: Path, target: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
-@pytest.mark.parametrize("command", ["convert", "check"])
+@pytest.mark.parametrize("command", ["convert", "check", "finetune-student", "finetune-teacher", "plugin"])
 def test_index_naming_files_outside_is_refused_and_nothing_outside_is_opened(command, target, src, tmp_path,
                                                                             capsys):
+    """convert, check, finetune (student and teacher) and the vLLM plugin's checkpoint check."""
+    import shutil
+
+    from vllm_transmla.errors import TransMLAError
+    from vllm_transmla.serving.plugin import check_local_checkpoint
+
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes(next(src.glob("model-*.safetensors")).read_bytes())  # a real shard, outside SRC
-    if command == "check":
+    data = tmp_path / "train.txt"
+    data.write_text("Some words to train on, and more of them. " * 40)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(src, teacher)
+    if command != "convert":
         assert cli_main(["convert", str(src), str(tmp_path / "mla"), "--quiet"]) == 0
         src = tmp_path / "mla"
-    _point_index_outside(src, target)
+    _point_index_outside(teacher if command == "finetune-teacher" else src, target)
+    args = {"convert": [str(src), str(tmp_path / "out"), "--quiet"], "check": [str(src)]}.get(command) or [
+        str(src), "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "out"), "--max-steps", "1"]
     _OPENED.clear()
     _RECORDING[0] = True
     try:
-        expect_error(capsys, [command, str(src), *([str(tmp_path / "out"), "--quiet"] if command == "convert"
-                                                   else [])], r"not a file name inside .*fix or re-download")
+        if command == "plugin":
+            with pytest.raises(TransMLAError, match=r"not a file name inside .*fix or re-download"):
+                check_local_checkpoint(str(src))
+        else:
+            expect_error(capsys, [command.split("-")[0], *args], r"not a file name inside .*fix or re-download")
     finally:
         _RECORDING[0] = False
     assert _OPENED, "the audit hook recorded nothing: the check would pass vacuously"

@@ -80,7 +80,7 @@ def soak_prompts(exact_converted):
     server: fp32, CUDA-graph-free CPU default)."""
     from transformers import AutoTokenizer
 
-    from vllm_transmla.tiny import sample_text
+    from vllm_transmla.testing.tiny import sample_text
 
     model = exact_converted["llama-rope3"]
     ids = AutoTokenizer.from_pretrained(model)(sample_text(), add_special_tokens=False).input_ids

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from reference import check_logprobs_close, hf_greedy, run_vllm
-from vllm_transmla.tiny import TINY_MODELS
+from vllm_transmla.testing.tiny import TINY_MODELS
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 32
@@ -124,7 +124,7 @@ def test_public_converter_layout_serves(tmp_path, prompts):
     Qwen2-style biases, 64 rope dims) serves with the outputs of its source GQA model."""
     from public_layout import to_public_layout
     from vllm_transmla.convert.pipeline import convert
-    from vllm_transmla.tiny import build_tiny_model
+    from vllm_transmla.testing.tiny import build_tiny_model
 
     source = build_tiny_model("qwen2", tmp_path / "src", hidden_size=128, num_attention_heads=2,
                               num_key_value_heads=1, head_dim=64)

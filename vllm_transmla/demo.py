@@ -87,7 +87,7 @@ def vllm_side_by_side(models: dict[str, Path], demo: DemoModel) -> None:
     """Serve each model with vLLM (each in a fresh process) and print outputs and KV figures."""
     from transformers import AutoTokenizer
 
-    from .serving.offline import run_in_subprocess
+    from .testing.offline import run_in_subprocess
 
     tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
     prompt_ids = _prompt_ids(tok, demo)

@@ -11,6 +11,9 @@ from .errors import TransMLAError
 from .text_files import read_text
 
 
+WINDOWS_PER_BATCH = 8  # windows are independent; a batch keeps the matmuls wide
+
+
 def perplexity(model_path: str | Path, text_file: str | Path, seq_len: int = 256, max_tokens: int | None = None,
                dtype: torch.dtype = torch.float32, model=None) -> dict:
     """Mean next-token negative log-likelihood over non-overlapping windows of `seq_len` (+1) tokens.
@@ -40,10 +43,12 @@ def perplexity(model_path: str | Path, text_file: str | Path, seq_len: int = 256
     total = 0.0
     device = next(model.parameters()).device
     with torch.no_grad():
-        for i in range(windows):
-            chunk = ids[i * seq_len:(i + 1) * seq_len + 1][None].to(device)
-            logits = model(chunk[:, :-1]).logits.float()
-            total += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+        for first in range(0, windows, WINDOWS_PER_BATCH):
+            batch = torch.stack([ids[i * seq_len:(i + 1) * seq_len + 1]
+                                 for i in range(first, min(windows, first + WINDOWS_PER_BATCH))]).to(device)
+            logits = model(batch[:, :-1], use_cache=False).logits.float()  # no KV cache to build
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
+                                                       reduction="sum").item()
     nll = total / (windows * seq_len)
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": windows * seq_len, "windows": windows}
 

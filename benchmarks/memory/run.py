@@ -26,7 +26,7 @@ CALIB_TOKENS, SEQ_LEN, SHARD = 16384, 256, "64MB"
 
 
 def build(path: str) -> None:
-    from vllm_transmla.tiny import build_tiny_model
+    from vllm_transmla.testing.tiny import build_tiny_model
 
     build_tiny_model("llama-tied", path, max_shard_size="256MB", tie_word_embeddings=False, **SHAPE)
 
@@ -43,7 +43,7 @@ def measure(src: str, dst: str) -> dict:
 
     import vllm_transmla  # noqa: F401  (imports before the baseline)
     from vllm_transmla.convert.pipeline import convert
-    from vllm_transmla.tiny import build_tiny_model
+    from vllm_transmla.testing.tiny import build_tiny_model
 
     # Warm-up: a tiny compressed conversion first, so the baseline already holds the runtime's one-off
     # allocations (BLAS / OpenMP buffers, tokenizer) and the peak measures what the conversion holds.

@@ -15,7 +15,7 @@ transformers on every text:
 
     python benchmarks/quality/run.py            # the reference model on the held-out KJV books (~5 min)
     python benchmarks/quality/run.py --real     # SmolLM2-135M-Instruct (`transmla fetch`), calibrated on
-                                                # Debian's license texts, KJV + Devil's Dictionary (~1 h)
+                                                # Debian's license texts, KJV + Devil's Dictionary (~2 h)
 
 Writes JSON (every run and, per text, where each of ours is below each baseline) and a plot next to it.
 """
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+")
     parser.add_argument("--methods", nargs="+", default=[*OURS, *BASELINES], choices=[*OURS, *BASELINES])
     parser.add_argument("--out")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out, run the rest")
     args = parser.parse_args()
     if args.real:
         from vllm_transmla.real_model import LICENSE_TEXTS, fetch_smollm2
@@ -67,13 +68,13 @@ def main() -> None:
         calib = args.calib
         fractions = args.fractions or [0.125, 0.1875, 0.25, 0.375, 0.5, 0.75]
         out = Path(args.out or Path(__file__).with_name("results.json"))
-    results = run(model, texts, calib, fractions, args.methods, out)
+    results = run(model, texts, calib, fractions, args.methods, out, args.resume)
     out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(json.dumps(results["claims"], indent=2))
 
 
-def perplexities(model_path, texts: list[str], model=None) -> dict:
+def perplexities(model_path, texts: list[str], model=None, max_tokens: int | None = None) -> dict:
     """{text name: perplexity} (the model loaded once for all texts)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -82,21 +83,26 @@ def perplexities(model_path, texts: list[str], model=None) -> dict:
 
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    return {Path(t).stem: round(perplexity(model_path, t, model=model)["perplexity"], 4) for t in texts}
+    return {Path(t).stem: round(perplexity(model_path, t, model=model, max_tokens=max_tokens)["perplexity"], 4)
+            for t in texts}
 
 
 def run(model: str, texts: list[str], calib, fractions: list[float], methods: list[str],
-        out: Path | None = None) -> dict:
-    """Every method at every fraction (in the order given); with `out`, the runs so far are written there
-    after each one (an hour-long sweep that stops early keeps what it measured)."""
+        out: Path | None = None, resume: bool = False) -> dict:
+    """Every method at every fraction; with `out`, the runs so far are written there after each one (an
+    hours-long sweep that stops keeps what it measured) and `resume` skips the runs already there. The
+    plain conversion and the baselines run first at every fraction, then the other methods of ours."""
     from transformers import AutoConfig
-
-    from vllm_transmla.convert.pipeline import convert
 
     cfg = AutoConfig.from_pretrained(model)
     n_kv, d = cfg.num_key_value_heads, cfg.head_dim
     results = {"model": model, "texts": texts, "calibration": calib or "converter default",
                "cached_dims_original": 2 * n_kv * d, "runs": []}
+    if resume and out is not None and out.exists():
+        previous = json.loads(out.read_text())
+        if previous.get("model") == model and previous.get("texts") == texts:
+            results["runs"] = previous["runs"]
+    done = {(r["method"], r["kv_fraction"]) for r in results["runs"]}
 
     def record(method, fraction, ppl, settings=None, seconds=None):
         results["runs"].append({"method": method, "kv_fraction": fraction, **(settings or {}), "perplexity": ppl,
@@ -105,37 +111,50 @@ def run(model: str, texts: list[str], calib, fractions: list[float], methods: li
         if out is not None:
             out.write_text(json.dumps(results, indent=2) + "\n")
 
-    record("original", 1.0, perplexities(model, texts))
+    if ("original", 1.0) not in done:
+        record("original", 1.0, perplexities(model, texts))
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.time()
-        exact = convert(model, Path(tmp) / "exact", progress=False)
-        record("exact", 1.0, perplexities(exact, texts), seconds=time.time() - t)
-        for fraction in fractions:
-            default = None  # the "ours" run at this fraction
-            for method in [m for m in methods if m in OURS]:
-                options = dict(OURS[method])
-                if options.get("freqfold") == "paper":
-                    options["freqfold"] = _paper_freqfold(model, fraction)
-                    if options["freqfold"] is None:
+        if ("exact", 1.0) not in done:
+            from vllm_transmla.convert.pipeline import convert
+
+            t = time.time()
+            exact = convert(model, Path(tmp) / "exact", progress=False)
+            record("exact", 1.0, perplexities(exact, texts), seconds=time.time() - t)
+        first = [m for m in ("ours", *BASELINES) if m in methods]
+        for batch in (first, [m for m in methods if m not in first]):
+            for fraction in fractions:
+                for method in batch:
+                    if (method, fraction) in done:
                         continue
-                    if default is not None and default["freqfold"] == options["freqfold"]:
-                        record(method, fraction, default["perplexity"],  # the same conversion: not run twice
-                               {k: default[k] for k in ("kv_lora_rank", "kv_lora_ranks", "qk_rope_head_dim",
-                                                        "freqfold")} | {"same_as": "ours"})
-                        continue
-                t = time.time()
-                dst = convert(model, Path(tmp) / f"{method}-{fraction}", kv_ratio=fraction, calib=calib,
-                              progress=False, overwrite=True, **options)
-                seconds = time.time() - t
-                mla = json.loads((dst / "config.json").read_text())
-                record(method, fraction, perplexities(dst, texts), {
-                    "kv_lora_rank": mla["kv_lora_rank"], "kv_lora_ranks": mla.get("kv_lora_ranks"),
-                    "qk_rope_head_dim": mla["qk_rope_head_dim"], "freqfold": mla["transmla"]["freqfold"]}, seconds)
-                if method == "ours":
-                    default = results["runs"][-1]
-            _baselines(model, texts, calib, fraction, int(round(fraction * 2 * n_kv * d)), methods, record)
+                    if method in OURS:
+                        _ours(model, texts, calib, fraction, method, results["runs"], Path(tmp), record)
+                    else:
+                        _baseline(model, texts, calib, fraction, int(round(fraction * 2 * n_kv * d)), method, record)
     results["claims"] = claims(results)
     return results
+
+
+def _ours(model: str, texts, calib, fraction: float, method: str, runs: list, tmp: Path, record) -> None:
+    from vllm_transmla.convert.pipeline import convert
+
+    options = dict(OURS[method])
+    if options.get("freqfold") == "paper":
+        options["freqfold"] = _paper_freqfold(model, fraction)
+        if options["freqfold"] is None:
+            return
+        default = next((r for r in runs if r["method"] == "ours" and r["kv_fraction"] == fraction), None)
+        if default is not None and default["freqfold"] == options["freqfold"]:  # the same conversion
+            record(method, fraction, default["perplexity"], {k: default[k] for k in (
+                "kv_lora_rank", "kv_lora_ranks", "qk_rope_head_dim", "freqfold")} | {"same_as": "ours"})
+            return
+    t = time.time()
+    dst = convert(model, tmp / f"{method}-{fraction}", kv_ratio=fraction, calib=calib, progress=False,
+                  overwrite=True, **options)
+    seconds = time.time() - t  # the conversion alone
+    mla = json.loads((dst / "config.json").read_text())
+    record(method, fraction, perplexities(dst, texts), {
+        "kv_lora_rank": mla["kv_lora_rank"], "kv_lora_ranks": mla.get("kv_lora_ranks"),
+        "qk_rope_head_dim": mla["qk_rope_head_dim"], "freqfold": mla["transmla"]["freqfold"]}, seconds)
 
 
 def _paper_freqfold(model: str, fraction: float):
@@ -155,7 +174,10 @@ def _paper_freqfold(model: str, fraction: float):
     return fold
 
 
-def _baselines(model: str, texts, calib, fraction: float, budget: int, methods, record) -> None:
+SWEEP_TOKENS = 4096  # MHA2MLA's rope width is chosen on this many tokens of the first text
+
+
+def _baseline(model: str, texts, calib, fraction: float, budget: int, method: str, record) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -164,28 +186,27 @@ def _baselines(model: str, texts, calib, fraction: float, budget: int, methods, 
     def fresh():
         return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
 
-    if "per-head-svd" in methods:
-        t = time.time()
+    t = time.time()
+    if method == "per-head-svd":
         m = fresh()
         settings = apply_per_head_svd(m, budget)
         record("per-head-svd", fraction, perplexities(model, texts, m), settings, time.time() - t)
-    if "mha2mla" in methods:
-        cfg = AutoConfig.from_pretrained(model)
-        n_kv, d = cfg.num_key_value_heads, cfg.head_dim
-        tokens = calibration_batch(model, files=calib)
-        sweep = []
-        for pairs in (1, 2, 4, 8, 16, 32):
-            if pairs > d // 2 or budget - 2 * pairs * n_kv < 1:
-                continue
-            t = time.time()
-            m = fresh()
-            settings = apply_mha2mla(m, budget, pairs, tokens)
-            sweep.append((perplexities(model, texts, m), settings, time.time() - t))
-        first = Path(texts[0]).stem
-        best = min(sweep, key=lambda s: s[0][first])  # best rope width on the first text
-        record("mha2mla", fraction, best[0], {**best[1], "swept": [
-            {"rope_pairs_per_head": s[1]["rope_pairs_per_head"], "perplexity": s[0]} for s in sweep]},
-               sum(s[2] for s in sweep))
+        return
+    cfg = AutoConfig.from_pretrained(model)
+    n_kv, d = cfg.num_key_value_heads, cfg.head_dim
+    tokens = calibration_batch(model, files=calib)
+    sweep = []
+    for pairs in (1, 2, 4, 8, 16, 32):
+        if pairs > d // 2 or budget - 2 * pairs * n_kv < 1:
+            continue
+        m = fresh()
+        settings = apply_mha2mla(m, budget, pairs, tokens)
+        sweep.append((perplexities(model, texts[:1], m, max_tokens=SWEEP_TOKENS), settings, m))
+    first = Path(texts[0]).stem
+    best = min(sweep, key=lambda s: s[0][first])  # best rope width on the first text's first tokens
+    record("mha2mla", fraction, perplexities(model, texts, best[2]), {**best[1], "swept_on_first_tokens": [
+        {"rope_pairs_per_head": s[1]["rope_pairs_per_head"], "perplexity": s[0][first]} for s in sweep],
+        "sweep_tokens": SWEEP_TOKENS}, time.time() - t)
 
 
 def claims(results: dict) -> dict:

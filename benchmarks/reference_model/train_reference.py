@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import LlamaForCausalLM
 
-    from vllm_transmla.tiny import train_bpe_tokenizer
+    from vllm_transmla.testing.tiny import train_bpe_tokenizer
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ PROMPTS = 8
 
 
 def run_case(model: Path, length: int, new_tokens: int, env: dict | None) -> dict:
-    from vllm_transmla.serving.offline import run_in_subprocess
+    from vllm_transmla.testing.offline import run_in_subprocess
 
     rng = random.Random(length + new_tokens)
     prompts = [[rng.randrange(10, 2000) for _ in range(length + new_tokens)] for _ in range(PROMPTS)]

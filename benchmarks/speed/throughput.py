@@ -61,7 +61,7 @@ def build_pair(name: str, root: Path) -> tuple[Path, Path]:
         model = fetch_smollm2()
         fraction = int(name.split("-")[1]) / 100
         return model.hf, convert(model.gguf, root / name, kv_ratio=fraction, progress=False)
-    from vllm_transmla.tiny import build_tiny_model
+    from vllm_transmla.testing.tiny import build_tiny_model
 
     src = build_tiny_model("llama-tied", root / name, tie_word_embeddings=False,
                            max_position_embeddings=8192, **SHAPES[name])
@@ -103,7 +103,7 @@ def machine_state() -> dict:
 def run_case(model: Path, length: int, prompts: int, budget: int | None, args) -> dict:
     import random
 
-    from vllm_transmla.serving.offline import run_in_subprocess
+    from vllm_transmla.testing.offline import run_in_subprocess
 
     rng = random.Random(length)
     job = {"model": str(model), "dtype": args.dtype, "prompts": [[rng.randrange(10, 2000) for _ in range(length)]

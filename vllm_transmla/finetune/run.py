@@ -103,6 +103,9 @@ def _check_student(student: Path) -> dict:
         raise TransMLAError(f"student {student} has model_type {config.get('model_type')!r}, not a converted MLA "
                             f"checkpoint ({', '.join(MLA_CONFIG_CLASSES)}): convert it first with "
                             f"`transmla convert SRC {student}-mla --kv-ratio ...`")
+    from ..validate import validate_converted_checkpoint
+
+    validate_converted_checkpoint(student)  # shard names inside it, every attention tensor's shape
     return config
 
 
@@ -112,6 +115,7 @@ def _check_teacher(teacher: Path, student_config: dict) -> None:
         raise TransMLAError(f"teacher {teacher} has vocab_size {config.get('vocab_size')} but the student has "
                             f"{student_config.get('vocab_size')}: distillation needs the same vocabulary; pass the "
                             f"model the student was converted from")
+    SafetensorsCheckpoint(teacher)  # the index names only shards inside the teacher's directory
 
 
 def _check_same_tokenizer(student_tok, teacher_tok, sample: str, teacher: Path) -> None:

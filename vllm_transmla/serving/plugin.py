@@ -6,6 +6,7 @@ is imported until vLLM builds a model.
 
 from __future__ import annotations
 
+from ..errors import TransMLAError
 from ..registry import families, target_architectures
 
 MODELS_MODULE = "vllm_transmla.serving.models"
@@ -43,10 +44,10 @@ def install_parallel_check() -> None:
         def verify_and_update_config(vllm_config) -> None:
             heads = vllm_config.model_config.hf_config.num_attention_heads
             tp = vllm_config.parallel_config.tensor_parallel_size
-            if heads % tp:
+            if heads % tp:  # TransMLAError is no ValueError, so pydantic passes it on unwrapped
                 sizes = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
-                raise ValueError(f"vllm-transmla: {vllm_config.model_config.model} has {heads} attention heads, which "
-                                 f"--tensor-parallel-size {tp} does not divide: use one of {sizes}")
+                raise TransMLAError(f"{vllm_config.model_config.model} has {heads} attention heads, which "
+                                    f"--tensor-parallel-size {tp} does not divide: use one of {sizes}")
 
     for arch in target_architectures():
         MODELS_CONFIG_MAP.setdefault(arch, TransMLAParallelCheck)

@@ -79,8 +79,8 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dtype: torch
 def build_random_mla(out_dir: str | Path, kv_lora_rank: int, qk_rope_head_dim: int, qk_nope_head_dim: int = 32,
                      v_head_dim: int = 32, family: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save a random MLA checkpoint of our format with the given latent shape (no source model)."""
-    from .hf.configuration import MLA_CONFIG_CLASSES
-    from .hf.modeling import MLA_CAUSAL_LM_CLASSES
+    from ..hf.configuration import MLA_CONFIG_CLASSES
+    from ..hf.modeling import MLA_CAUSAL_LM_CLASSES
 
     config_cls = MLA_CONFIG_CLASSES[f"{family}_mla"]
     fields = {**_BASE, "num_key_value_heads": _BASE["num_attention_heads"], "kv_lora_rank": kv_lora_rank,

@@ -1,4 +1,4 @@
-"""Offline vLLM jobs in a fresh process each: `python -m vllm_transmla.serving.offline JOB.json OUT.json`.
+"""Offline vLLM jobs in a fresh process each: `python -m vllm_transmla.testing.offline JOB.json OUT.json`.
 
 The demo and the tests run every engine in a subprocess of its own (vLLM's engine processes need a
 `__main__` guard, and a fresh process frees the engine's memory for the next one). A job gives the
@@ -113,7 +113,7 @@ def run_in_subprocess(job: dict, env: dict | None = None, timeout: float = 900,
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "vllm_transmla.serving.offline", str(job_path), str(out_path)],
+        proc = subprocess.run([sys.executable, "-m", "vllm_transmla.testing.offline", str(job_path), str(out_path)],
                               env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"vLLM job failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
