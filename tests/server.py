@@ -4,19 +4,13 @@ waited for until it answers, stopped (the whole process group) afterwards."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from vllm_transmla.testing.processes import free_port, stop_process_group
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -43,8 +37,4 @@ def vllm_server(model: Path, log: Path, *extra: str, timeout: float = 400):
                 time.sleep(2)
         yield client
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)

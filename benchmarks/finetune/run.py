@@ -153,9 +153,14 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{name}: {result['log_gap_recovered'][name]:.0%} of the log-perplexity gap in "
                      f"{result['minutes_total']:.0f} min")
         ax.legend()
-    fig.suptitle(f"{Path(result['model']).name} at {result['kv_ratio']:.0%} of its KV cache")
+    fig.suptitle(f"{_model_name(result['model'])} at {result['kv_ratio']:.0%} of its KV cache")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _model_name(path: str) -> str:
+    """The checkpoint's directory name (the fetched real model's is <cache>/smollm2-135m-instruct/hf)."""
+    return Path(path).parent.name if Path(path).name == "hf" else Path(path).name
 
 
 if __name__ == "__main__":

@@ -98,12 +98,10 @@ def plot(results: dict, path: Path) -> None:
         if "hidden_state_error_by_layer" in row:
             errors = row["hidden_state_error_by_layer"]
             ax.plot(range(1, len(errors) + 1), errors, "o-", label=row["variant"])
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("|h_mla - h| / |h| after the layer")
-    ax.set_title(f"{Path(results['model']).name}: error through the layers (held-out KJV)")
+    ax.set(xlabel="decoder layer", ylabel="|h_mla - h| / |h| after the layer",
+           title=f"{Path(results['model']).parent.name}: error through the layers (held-out KJV)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 if __name__ == "__main__":

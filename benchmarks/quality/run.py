@@ -245,10 +245,15 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("KV cache size, fraction of the original")
         ax.set_ylabel("held-out perplexity (log)")
         ax.set_yscale("log")
-        ax.set_title(f"{Path(results['model']).name}: {text}, no fine-tuning")
+        ax.set_title(f"{_model_name(results['model'])}: {text}, no fine-tuning")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _model_name(path: str) -> str:
+    """The checkpoint's directory name (the fetched real model's is <cache>/smollm2-135m-instruct/hf)."""
+    return Path(path).parent.name if Path(path).name == "hf" else Path(path).name
 
 
 if __name__ == "__main__":

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import PAIRS, build_pair, kv_bytes_per_token  # noqa: E402
 
+from vllm_transmla.testing.processes import free_port, stop_process_group  # noqa: E402
+
 METRICS = ["output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
            "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(port: int, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
@@ -56,7 +49,7 @@ def _wait_ready(port: int, proc: subprocess.Popen, log: Path, timeout: float = 6
 def serve_and_bench(model: Path, args, budget: int | None, work: Path, name: str) -> dict:
     """Start `vllm serve model`, run `vllm bench serve` against it, stop the server; vLLM's result dict."""
     bin_dir = Path(sys.executable).parent
-    port = _free_port()
+    port = free_port()
     log = work / f"{name}-server.log"
     serve = [str(bin_dir / "vllm"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
              "--dtype", args.dtype, "--gpu-memory-utilization", "0.5",
@@ -82,11 +75,7 @@ def serve_and_bench(model: Path, args, budget: int | None, work: Path, name: str
         print(done.stdout[-2500:], flush=True)
         return json.loads((work / f"{name}.json").read_text())
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 def main() -> None:
