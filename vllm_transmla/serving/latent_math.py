@@ -1,8 +1,8 @@
 """The latent attention math of the serving backend, in torch and our CPU kernels, with no vLLM import:
 absorbed decode over a paged latent cache, multi-token decode rows, and prefill attention (causal, or over
 a chunk of cached context, with the log-sum-exp vLLM merges parts by). Which implementation runs is an
-explicit `AttentionPaths` argument (the backend passes `DEFAULT_PATHS`; tests pass others), not module
-state.
+explicit `AttentionPaths` argument (None: `DEFAULT_PATHS`, what the backend uses unless an instance is
+given others), not switches flipped in module globals.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import envs
 from . import cpu_kernel
 
 
@@ -21,14 +20,14 @@ from . import cpu_kernel
 class AttentionPaths:
     """Which code runs: the fused C kernels where they can (`cpu_kernel`), else torch, with these sizes."""
 
-    cpu_kernel: bool = True
+    cpu_kernel: bool = True  # where cpu_kernel.available() (x86 AVX2, a compiler, not switched off)
     batched_decode_bytes: int = 32 * 2**20  # the padded batch decode's latent workspace, at most
     decode_chunk_tokens: int = 2048  # longer sequences decode chunk by chunk (flash-decoding)
     prefill_score_bytes: int = 32 * 2**20  # the score block of one query chunk, at most
     prefill_rows: int = 128  # query rows per chunk: fewer waste matmul speed, more the causal half's work
 
 
-DEFAULT_PATHS = AttentionPaths(cpu_kernel=envs.cpu_kernel_enabled())
+DEFAULT_PATHS = AttentionPaths()  # cpu_kernel.available() already honours VLLM_TRANSMLA_CPU_KERNEL=0
 _WORKSPACES: dict = {}
 
 
