@@ -195,18 +195,19 @@ def _baseline(model: str, texts, calib, fraction: float, budget: int, method: st
     cfg = AutoConfig.from_pretrained(model)
     n_kv, d = cfg.num_key_value_heads, cfg.head_dim
     tokens = calibration_batch(model, files=calib)
-    sweep = []
+    first = Path(texts[0]).stem
+    sweep, best = [], None  # best: (perplexity, settings, model) of the best rope width so far, the only model kept
     for pairs in (1, 2, 4, 8, 16, 32):
         if pairs > d // 2 or budget - 2 * pairs * n_kv < 1:
             continue
         m = fresh()
         settings = apply_mha2mla(m, budget, pairs, tokens)
-        sweep.append((perplexities(model, texts[:1], m, max_tokens=SWEEP_TOKENS), settings, m))
-    first = Path(texts[0]).stem
-    best = min(sweep, key=lambda s: s[0][first])  # best rope width on the first text's first tokens
-    record("mha2mla", fraction, perplexities(model, texts, best[2]), {**best[1], "swept_on_first_tokens": [
-        {"rope_pairs_per_head": s[1]["rope_pairs_per_head"], "perplexity": s[0][first]} for s in sweep],
-        "sweep_tokens": SWEEP_TOKENS}, time.time() - t)
+        ppl = perplexities(model, texts[:1], m, max_tokens=SWEEP_TOKENS)[first]
+        sweep.append({"rope_pairs_per_head": settings["rope_pairs_per_head"], "perplexity": ppl})
+        if best is None or ppl < best[0]:
+            best = (ppl, settings, m)
+    record("mha2mla", fraction, perplexities(model, texts, best[2]), {
+        **best[1], "swept_on_first_tokens": sweep, "sweep_tokens": SWEEP_TOKENS}, time.time() - t)
 
 
 def claims(results: dict) -> dict:
