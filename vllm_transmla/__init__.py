@@ -1,5 +1,5 @@
-"""vllm-transmla: convert GQA models (Llama, Mistral, Qwen2, Mixtral) to Multi-head Latent Attention
-and serve them in vLLM with a compressed, paged latent KV cache.
+"""vllm-transmla: convert GQA models (Llama, Mistral, Qwen2, Mixtral, Qwen3, Qwen3-MoE) to Multi-head Latent
+Attention and serve them in vLLM with a compressed, paged latent KV cache.
 
 Importing the package registers the converted checkpoints' config and model classes with
 transformers' Auto classes, so `AutoModelForCausalLM.from_pretrained(converted_dir)` works: at once if
@@ -44,10 +44,9 @@ def register_hf() -> None:
 
     public = tuple(cls for cls in MLA_CAUSAL_LM_CLASSES.values() if cls.__name__ in PUBLIC_ARCHITECTURES)
     AutoModelForCausalLM._model_mapping.register(DeepseekV3Config, (DeepseekV3ForCausalLM, *public), exist_ok=True)
-    # Mixtral checkpoints store experts one by one; transformers fuses them on load for "mixtral".
-    register_checkpoint_conversion_mapping(
-        "mixtral_mla", get_checkpoint_conversion_mapping("mixtral"), overwrite=True
-    )
+    # MoE checkpoints store experts one by one; transformers fuses them on load for its own model_types.
+    for ours, theirs in (("mixtral_mla", "mixtral"), ("qwen3_moe_mla", "qwen3_moe")):
+        register_checkpoint_conversion_mapping(ours, get_checkpoint_conversion_mapping(theirs), overwrite=True)
     _hf_registered = True
 
 

@@ -31,8 +31,13 @@ class FamilySpec:
     calibration: dict = field(default_factory=dict)
 
     def attn_name(self, role: str, layer: int) -> str:
-        """Weight-name prefix of `role` (q_proj, k_proj, v_proj, o_proj) in decoder layer `layer`."""
+        """Weight-name prefix of `role` (q_proj, k_proj, v_proj, o_proj; q_norm, k_norm) in decoder layer `layer`."""
         return self.attention[role].format(prefix=f"model.layers.{layer}")
+
+    @property
+    def head_norms(self) -> bool:
+        """Whether each query and key head is RMS-normalized before RoPE (Qwen3's q_norm / k_norm)."""
+        return "k_norm" in self.attention
 
     def has_bias(self, which: str, config) -> bool:
         """Whether the source has q/k/v (`which="qkv_bias"`) or o (`"o_bias"`) biases."""

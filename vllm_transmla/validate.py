@@ -95,18 +95,27 @@ def _expected_attention(config, layer: int) -> dict[str, tuple[int, ...]]:
     lay = mla_layout(config, layer)
     heads, hidden = config.num_attention_heads, config.hidden_size
     qk = lay.qk_nope_head_dim + lay.qk_rope_head_dim
+    latent = lay.kv_lora_rank + lay.qk_rope_head_dim
+    q_width = heads * (lay.head_dim if lay.key_norm_heads else qk)  # per-head norms: the source's q_proj
     shapes = {}
     if lay.q_lora_rank:
-        shapes.update({"q_a_proj.weight": (lay.q_lora_rank, hidden), "q_b_proj.weight": (heads * qk, lay.q_lora_rank)})
+        shapes.update({"q_a_proj.weight": (lay.q_lora_rank, hidden), "q_b_proj.weight": (q_width, lay.q_lora_rank)})
         if lay.q_bias:
-            shapes["q_b_proj.bias"] = (heads * qk,)
+            shapes["q_b_proj.bias"] = (q_width,)
     else:
-        shapes["q_proj.weight"] = (heads * qk, hidden)
+        shapes["q_proj.weight"] = (q_width, hidden)
         if lay.q_bias:
-            shapes["q_proj.bias"] = (heads * qk,)
-    shapes["kv_a_proj_with_mqa.weight"] = (lay.kv_lora_rank + lay.qk_rope_head_dim, hidden)
+            shapes["q_proj.bias"] = (q_width,)
+    shapes["kv_a_proj_with_mqa.weight"] = (latent, hidden)
     if lay.kv_a_bias:
-        shapes["kv_a_proj_with_mqa.bias"] = (lay.kv_lora_rank + lay.qk_rope_head_dim,)
+        shapes["kv_a_proj_with_mqa.bias"] = (latent,)
+    if lay.key_norm_heads:
+        keys = lay.key_norm_heads * lay.head_dim
+        shapes.update({"q_norm.weight": (lay.head_dim,), "q_head_proj.weight": (heads * qk, lay.head_dim),
+                       "k_proj.weight": (keys, hidden), "k_norm.weight": (lay.head_dim,),
+                       "kv_a_key_proj.weight": (latent, keys)})
+        if lay.kv_a_bias:
+            shapes["k_proj.bias"] = (keys,)
     if lay.latent_layernorm:
         shapes["kv_a_layernorm.weight"] = (lay.kv_lora_rank,)
     shapes["kv_b_proj.weight"] = (heads * (lay.qk_nope_head_dim + lay.v_head_dim), lay.kv_lora_rank)

@@ -13,6 +13,7 @@ import torch
 from ..errors import TransMLAError
 from ..text_files import iter_documents
 from .compress import LayerStats
+from .head_norm import normalize_heads
 from .plan import Calibration
 from .refit import refit_moments
 from .source import Source
@@ -95,12 +96,24 @@ class LayerByLayer:
             return torch.cat([norm(chunk) for chunk in hidden.split(self.batch_size)])
 
     def stats(self, layer: int, input_cov: bool = False) -> LayerStats:
-        """Keys and values (pre-rope, with bias) of `layer` over all calibration tokens, their float64
-        second moments, the queries' per head, and with `input_cov` the attention input's [hidden, hidden].
+        """Keys and values (pre-rope, with bias; keys and queries after their per-head norms where the family has
+        them) of `layer` over all calibration tokens, their float64 second moments, the queries' per head, and with `input_cov` the attention input's [hidden, hidden].
         Streams over the hidden states a chunk of sequences at a time, so only the keys and values
         [N, n*d] are held in full."""
         fam, w, gqa = self.source.family, self.source.weights, self.source.gqa
         norm = self.module(layer).input_layernorm
+        attention = self.module(layer).self_attn
+        if gqa.head_norms:  # statistics of what the latent is built from: the normalized heads (head_norm.py)
+            def key_heads(k):
+                return normalize_heads(k, attention.k_norm, gqa.head_dim)
+
+            def query_heads(q):
+                return normalize_heads(q, attention.q_norm, gqa.head_dim)
+        else:
+            def key_heads(k):
+                return k
+
+            query_heads = key_heads
 
         def projection(role):
             base = fam.attn_name(role, layer)
@@ -121,12 +134,12 @@ class LayerByLayer:
         with torch.no_grad():
             for chunk in self.hidden.split(self.batch_size):
                 x = norm(chunk).reshape(-1, chunk.shape[-1])
-                k = apply(x, k_proj)
+                k = key_heads(apply(x, k_proj))
                 keys[start:start + len(x)] = k
                 values[start:start + len(x)] = apply(x, v_proj)
                 start += len(x)
                 key_cov += k.double().T @ k.double()
-                q = apply(x, q_proj).double().view(-1, gqa.num_heads, gqa.head_dim)
+                q = query_heads(apply(x, q_proj)).double().view(-1, gqa.num_heads, gqa.head_dim)
                 query_cov += torch.einsum("nhd,nhe->hde", q, q)
                 if x_cov is not None:
                     x_cov += x.double().T @ x.double()
@@ -187,13 +200,15 @@ class LayerByLayer:
                     local = local.replace(old, new)
                 state[local] = self.source.weights.get(name).float()
         if spec.get("fused_experts"):
-            state = _fuse_experts(state)
+            state = _fuse_experts(state, *spec["fused_experts"])
         return state
 
 
-def _fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-expert w1/w3/w2 -> transformers' fused experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I]."""
-    pattern = re.compile(r"^(.*experts)\.(\d+)\.(w[123])\.weight$")
+def _fuse_experts(state: dict[str, torch.Tensor], gate: str, up: str, down: str) -> dict[str, torch.Tensor]:
+    """Per-expert gate / up / down tensors (checkpoint names, e.g. Mixtral's w1 / w3 / w2) -> transformers'
+    fused experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I]."""
+    names = "|".join(re.escape(n) for n in (gate, up, down))
+    pattern = re.compile(rf"^(.*experts)\.(\d+)\.({names})\.weight$")
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     fused = {}
     for name, tensor in state.items():
@@ -204,6 +219,6 @@ def _fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             fused[name] = tensor
     for base, by_index in experts.items():
         order = sorted(by_index)
-        fused[f"{base}.gate_up_proj"] = torch.stack([torch.cat([by_index[e]["w1"], by_index[e]["w3"]]) for e in order])
-        fused[f"{base}.down_proj"] = torch.stack([by_index[e]["w2"] for e in order])
+        fused[f"{base}.gate_up_proj"] = torch.stack([torch.cat([by_index[e][gate], by_index[e][up]]) for e in order])
+        fused[f"{base}.down_proj"] = torch.stack([by_index[e][down] for e in order])
     return fused

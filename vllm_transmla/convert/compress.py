@@ -298,10 +298,13 @@ def query_low_rank(weight: torch.Tensor, bias: torch.Tensor | None, rank: int,
 
 
 def check_q_lora_rank(gqa: GQAShape, rank: int, rope_dim: int) -> None:
-    limit = min(gqa.hidden_size, gqa.num_heads * (gqa.head_dim + rope_dim))
+    # With per-head q/k norms the low rank factors the source q_proj (before the norm), H * d wide.
+    width = gqa.num_heads * (gqa.head_dim + (0 if gqa.head_norms else rope_dim))
+    limit = min(gqa.hidden_size, width)
     if not 0 < rank <= limit:
+        what = "num_heads * head_dim" if gqa.head_norms else "num_heads * (head_dim + qk_rope_dim)"
         raise TransMLAError(f"--q-lora-rank {rank} is out of range: it must be in 1..{limit} (at most hidden_size "
-                            f"and num_heads * (head_dim + qk_rope_dim)) for this model")
+                            f"and {what}) for this model")
 
 
 def rank_grid(uniform: int, max_rank: int) -> list[int]:

@@ -11,12 +11,15 @@ class GQAShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # Each query and key head is RMS-normalized before RoPE (Qwen3): the latent is built from the
+    # normalized keys, and the queries are mapped after their norm (see head_norm.py).
+    head_norms: bool = False
 
     @classmethod
-    def from_config(cls, config) -> "GQAShape":
+    def from_config(cls, config, head_norms: bool = False) -> "GQAShape":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.hidden_size, config.num_attention_heads,
-                   config.num_key_value_heads or config.num_attention_heads, head_dim)
+                   config.num_key_value_heads or config.num_attention_heads, head_dim, head_norms)
 
     @property
     def group_size(self) -> int:

@@ -11,9 +11,37 @@ from __future__ import annotations
 import torch
 
 from .exact import exact_attention
+from .geometry import GQAShape
+from .head_norm import head_norm_tensors, linear_view
 from .plan import ConversionPlan
 from .refit import refit_value_projection
-from .source import Source
+from .source import AttentionWeights, Source
+
+
+def exact_layer(gqa: GQAShape, w: AttentionWeights) -> dict[str, torch.Tensor]:
+    """One layer's exact MLA tensors (exact.py; with per-head q/k norms through head_norm.py)."""
+    if not gqa.head_norms:
+        return exact_attention(gqa, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias)
+    lin = linear_view(gqa, w)
+    return head_norm_tensors(gqa, exact_attention(gqa, lin.q, lin.k, lin.v, v_bias=lin.v_bias), w)
+
+
+def compressed_layer(gqa: GQAShape, basis, rank: int, w: AttentionWeights, q_lora_rank: int | None = None,
+                     input_cov: torch.Tensor | None = None, nope_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """One layer's compressed MLA tensors at latent rank `rank` from its calibrated `basis` (compress.py; with
+    per-head q/k norms through head_norm.py, low-rank queries then factor the source q_proj)."""
+    from .compress import build_layer, query_low_rank
+
+    if not gqa.head_norms:
+        return build_layer(gqa, basis, rank, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias, q_lora_rank, input_cov,
+                           nope_scale=nope_scale)
+    lin = linear_view(gqa, w)
+    built = build_layer(gqa, basis, rank, lin.q, lin.k, lin.v, v_bias=lin.v_bias, nope_scale=nope_scale)
+    factors = None
+    if q_lora_rank:
+        bias = w.q_bias.double() if w.q_bias is not None else None
+        factors = query_low_rank(w.q.double(), bias, q_lora_rank, input_cov)
+    return head_norm_tensors(gqa, built, w, factors)
 
 
 class ExactLayers:
@@ -24,9 +52,8 @@ class ExactLayers:
         self.pair_freqs: list[list[int] | None] = []
 
     def convert(self, layer: int) -> dict[str, torch.Tensor]:
-        w = self.source.attention_weights(layer)
         self.pair_freqs.append(None)
-        return exact_attention(self.source.gqa, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias)
+        return exact_layer(self.source.gqa, self.source.attention_weights(layer))
 
 
 class CompressedLayers:
@@ -43,15 +70,15 @@ class CompressedLayers:
         self.pair_freqs: list[list[int] | None] = []
 
     def convert(self, layer: int) -> dict[str, torch.Tensor]:
-        from .compress import analyse_layer, build_layer
+        from .compress import analyse_layer
 
         plan, gqa = self.plan, self.source.gqa
         stats = self.runner.stats(layer, input_cov=plan.q_lora_rank is not None)
         w = self.source.attention_weights(layer)
         basis = analyse_layer(gqa, plan.rope_dim, plan.freqfold, stats, w.o.float())
         self.pair_freqs.append(basis.pair_freqs)
-        tensors = build_layer(gqa, basis, plan.layer_rank(layer), w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias,
-                              plan.q_lora_rank, stats.input_cov, nope_scale=self.runner.attention_scaling ** 2)
+        tensors = compressed_layer(gqa, basis, plan.layer_rank(layer), w, plan.q_lora_rank, stats.input_cov,
+                                   nope_scale=self.runner.attention_scaling ** 2)
         del stats
         converted = self._converted_attention(layer, tensors, w, basis.pair_freqs)
         moments = self.runner.value_refit_moments(layer, converted.attention, converted.cos_sin)

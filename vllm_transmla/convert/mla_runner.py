@@ -21,7 +21,7 @@ def mla_attention(config, layer: int, tensors: dict[str, torch.Tensor], weights:
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         module = MLAAttention(config, layer).eval()
-    state = {k: v.float() for k, v in tensors.items()}
+    state = {k: v.float() for k, v in tensors.items()}  # with per-head norms, their weights too
     state["o_proj.weight"] = weights.o.float()
     if weights.o_bias is not None:
         state["o_proj.bias"] = weights.o_bias.float()
@@ -32,10 +32,12 @@ def mla_attention(config, layer: int, tensors: dict[str, torch.Tensor], weights:
 
 
 def _zero_pad_latent(state: dict, rank_to: int) -> None:
-    kv_a = state["kv_a_proj_with_mqa.weight"]
     rank = state["kv_b_proj.weight"].shape[1]
     pad = rank_to - rank
-    state["kv_a_proj_with_mqa.weight"] = torch.cat([kv_a[:rank], kv_a.new_zeros(pad, kv_a.shape[1]), kv_a[rank:]])
+    for name in ("kv_a_proj_with_mqa.weight", "kv_a_key_proj.weight"):
+        if name in state:
+            kv_a = state[name]
+            state[name] = torch.cat([kv_a[:rank], kv_a.new_zeros(pad, kv_a.shape[1]), kv_a[rank:]])
     if "kv_a_proj_with_mqa.bias" in state:
         b = state["kv_a_proj_with_mqa.bias"]
         state["kv_a_proj_with_mqa.bias"] = torch.cat([b[:rank], b.new_zeros(pad), b[rank:]])

@@ -61,6 +61,7 @@ def mla_config(source: Source, mla_shape, settings: dict):
         mla_q_bias=qkv_bias,
         mla_kv_a_bias=qkv_bias,
         mla_o_bias=family.has_bias("o_bias", source.config),
+        mla_key_norm_heads=source.gqa.num_kv_heads if source.gqa.head_norms else None,
         transmla={
             "version": __version__,
             "source_family": family.family,

@@ -28,7 +28,7 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 @dataclass
 class AttentionWeights:
     """One decoder layer's source attention weights (as stored): q [H*d, hidden], k and v [n*d, hidden],
-    o [hidden, H*d], biases [rows] or None."""
+    o [hidden, H*d], biases [rows] or None; Qwen3's per-head norm weights q_norm, k_norm [d] or None."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -38,6 +38,8 @@ class AttentionWeights:
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
     def float(self) -> "AttentionWeights":
         return AttentionWeights(**{k: v.float() if v is not None else None for k, v in vars(self).items()})
@@ -66,14 +68,17 @@ class Source:
             name = f"{self.family.attn_name(role, layer)}.{kind}"
             return self.weights.get(name) if name in self.weights else None
 
+        norms = {}
+        if self.family.head_norms:
+            norms = dict(q_norm=get("q_norm", "weight"), k_norm=get("k_norm", "weight"))
         return AttentionWeights(q=get("q_proj", "weight"), k=get("k_proj", "weight"), v=get("v_proj", "weight"),
                                 o=get("o_proj", "weight"), q_bias=get("q_proj", "bias"), k_bias=get("k_proj", "bias"),
-                                v_bias=get("v_proj", "bias"), o_bias=get("o_proj", "bias"))
+                                v_bias=get("v_proj", "bias"), o_bias=get("o_proj", "bias"), **norms)
 
     def attention_tensor_names(self, layer: int) -> set[str]:
         """Names of the source tensors `attention_weights(layer)` reads (rebuilt, never copied)."""
-        return {f"{self.family.attn_name(role, layer)}.{kind}" for role in ("q_proj", "k_proj", "v_proj", "o_proj")
-                for kind in ("weight", "bias")}
+        roles = ("q_proj", "k_proj", "v_proj", "o_proj") + (("q_norm", "k_norm") if self.family.head_norms else ())
+        return {f"{self.family.attn_name(role, layer)}.{kind}" for role in roles for kind in ("weight", "bias")}
 
     def tensor_names(self) -> list[str]:
         """Every tensor a model reads (ignored buffers left out)."""
@@ -124,7 +129,7 @@ def open_source(path: Path) -> Source:
                             f"fix the named key") from None
     _check_config(config, family)
     weights = SafetensorsCheckpoint(path)
-    source = Source(path, raw, config, family, GQAShape.from_config(config), weights)
+    source = Source(path, raw, config, family, GQAShape.from_config(config, family.head_norms), weights)
     check_weights_match_config(source)
     return source
 
@@ -155,7 +160,7 @@ def _open_gguf(path: Path) -> Source:
     raw["architectures"] = [family.source_architectures[0]]
     config.architectures = raw["architectures"]
     _check_config(config, family)
-    gqa = GQAShape.from_config(config)
+    gqa = GQAShape.from_config(config, family.head_norms)
     weights = GGUFCheckpoint(path, gqa.num_heads, gqa.num_kv_heads)
     source = Source(path, raw, config, family, gqa, weights)
     check_weights_match_config(source)
@@ -174,7 +179,7 @@ def _check_config(config, family: FamilySpec) -> None:
                             f"{', '.join(family.rope['scaling_types'])}): convert a model without it")
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise TransMLAError("partial_rotary_factor != 1 is not supported: only fully rotary heads convert")
-    gqa = GQAShape.from_config(config)
+    gqa = GQAShape.from_config(config, family.head_norms)
     if gqa.num_heads % gqa.num_kv_heads:
         raise TransMLAError(f"num_attention_heads={gqa.num_heads} is not a multiple of "
                             f"num_key_value_heads={gqa.num_kv_heads}: fix config.json")
@@ -191,6 +196,8 @@ def check_weights_match_config(source: Source) -> None:
         "v_proj": (gqa.kv_width, gqa.hidden_size),
         "o_proj": (gqa.hidden_size, gqa.num_heads * gqa.head_dim),
     }
+    if family.head_norms:
+        expected.update(q_norm=(gqa.head_dim,), k_norm=(gqa.head_dim,))
     qkv_bias, o_bias = family.has_bias("qkv_bias", cfg), family.has_bias("o_bias", cfg)
     for layer in range(source.num_layers):
         for role, shape in expected.items():
@@ -205,6 +212,8 @@ def check_weights_match_config(source: Source) -> None:
                     f"num_key_value_heads={gqa.num_kv_heads}, head_dim={gqa.head_dim} imply {list(shape)}; "
                     f"fix config.json to match the weights"
                 )
+            if role.endswith("_norm"):
+                continue
             bias = family.attn_name(role, layer) + ".bias"
             wants_bias = o_bias if role == "o_proj" else qkv_bias
             if (bias in w) != wants_bias:

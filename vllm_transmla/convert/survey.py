@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ..errors import TransMLAError
 from .calibration import LayerByLayer
-from .compress import SELECT, allocate_ranks, analyse_layer, build_layer, plan_rope, rank_grid
+from .compress import SELECT, allocate_ranks, analyse_layer, plan_rope, rank_grid
+from .layers import compressed_layer
 from .plan import AUTO, ConversionPlan, compressed_mla_shape
 from .mla_runner import mla_attention, rope_tables
 from .refit import refit_moments, refit_value_projection
@@ -119,8 +120,7 @@ def survey(source: Source, tokens: torch.Tensor, plan: ConversionPlan, folds: li
             cos_sin = rope_tables(source, configs[fold], *x.shape[:2])
             errors = {}
             for r in ranks:
-                tensors = build_layer(gqa, basis, r, weights.q, weights.k, weights.v, weights.q_bias,
-                                      weights.k_bias, weights.v_bias, nope_scale=runner.attention_scaling ** 2)
+                tensors = compressed_layer(gqa, basis, r, weights, nope_scale=runner.attention_scaling ** 2)
                 out = _refit_output(mla_attention(configs[fold], layer, tensors, weights, pad_to=max(ranks)),
                                     x, cos_sin, heads)
                 # Relative to the residual stream the error is added to: a layer whose attention barely

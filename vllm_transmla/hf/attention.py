@@ -48,6 +48,20 @@ def select_rope_pairs(t: torch.Tensor, pair_freqs: list[int]) -> torch.Tensor:
     return torch.cat([half, half], dim=-1)
 
 
+class HeadwiseLinear(nn.Module):
+    """One linear map per head: x [..., H, d_in] -> [..., H, d_out]; weight [H * d_out, d_in] (head-major)."""
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int):
+        super().__init__()
+        self.num_heads, self.out_features = num_heads, out_features
+        self.weight = nn.Parameter(torch.empty(num_heads * out_features, in_features))
+        nn.init.normal_(self.weight, std=in_features ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.view(self.num_heads, self.out_features, -1)
+        return torch.einsum("...hi,hoi->...ho", x, w)
+
+
 class MLAAttention(nn.Module):
     """Multi-head latent attention with a [c_kv ; k_pe] cache.
 
@@ -71,14 +85,22 @@ class MLAAttention(nn.Module):
         self.absorb = False
 
         hidden = config.hidden_size
+        # With per-head norms q_proj is the source's (head_dim per head), then q_norm and q_head_proj.
+        q_width = self.num_heads * (layout.head_dim if layout.key_norm_heads else self.qk_head_dim)
         if layout.q_lora_rank:  # low-rank queries: q_b_proj(q_a_proj(x)), no norm between (exact factorisation)
             self.q_a_proj = nn.Linear(hidden, layout.q_lora_rank, bias=False)
-            self.q_b_proj = nn.Linear(layout.q_lora_rank, self.num_heads * self.qk_head_dim, bias=layout.q_bias)
+            self.q_b_proj = nn.Linear(layout.q_lora_rank, q_width, bias=layout.q_bias)
         else:
-            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=layout.q_bias)
-        self.kv_a_proj_with_mqa = nn.Linear(
-            hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=layout.kv_a_bias
-        )
+            self.q_proj = nn.Linear(hidden, q_width, bias=layout.q_bias)
+        latent = self.kv_lora_rank + self.qk_rope_head_dim
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, latent, bias=layout.kv_a_bias)
+        if layout.key_norm_heads:  # Qwen3: the latent reads the normalized keys (see configuration.py)
+            d = layout.head_dim
+            self.q_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+            self.q_head_proj = HeadwiseLinear(self.num_heads, d, self.qk_head_dim)
+            self.k_proj = nn.Linear(hidden, layout.key_norm_heads * d, bias=layout.kv_a_bias)
+            self.k_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+            self.kv_a_key_proj = nn.Linear(layout.key_norm_heads * d, latent, bias=False)
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
@@ -101,11 +123,14 @@ class MLAAttention(nn.Module):
         c_kv [B, 1, S, R], roped k_pe [B, 1, S, rope] (S = T plus what `past_key_values` held)."""
         b, t, _ = hidden_states.shape
         q = self.q_b_proj(self.q_a_proj(hidden_states)) if self.layout.q_lora_rank else self.q_proj(hidden_states)
+        latent = self.kv_a_proj_with_mqa(hidden_states)
+        if self.layout.key_norm_heads:
+            q = self.q_head_proj(self.q_norm(q.view(b, t, self.num_heads, -1)))
+            keys = self.k_norm(self.k_proj(hidden_states).view(b, t, self.layout.key_norm_heads, -1))
+            latent = latent + self.kv_a_key_proj(keys.flatten(-2))
         q = q.view(b, t, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split(
-            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
-        )
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.layout.latent_layernorm:
             c_kv = self.kv_a_layernorm(c_kv)
         cos, sin = position_embeddings

@@ -7,6 +7,12 @@ One layout serves exact and compressed checkpoints. Per layer and token:
     k_nope,v = kv_b_proj(c_kv)              [H, qk_nope_head_dim], [H, v_head_dim]   (no bias)
     score_h  = (q_nope_h . k_nope_h + rope(q_pe_h) . rope(k_pe)) * softmax_scale
 
+With per-head q/k norms (Qwen3, `mla_key_norm_heads` = the source's KV heads n), the queries and the
+latent come from the source's normalized heads (convert/head_norm.py):
+
+    q        = q_head_proj_h(q_norm(q_proj(x))_h)               per head, q_proj [H * head_dim, hidden]
+    latent   = kv_a_proj_with_mqa(x) + kv_a_key_proj(k_norm(k_proj(x)))   k_proj [n * head_dim, hidden]
+
 Only `latent` is cached. RoPE acts on the qk_rope_head_dim dims split into `qk_rope_num_blocks`
 equal blocks, each rotated like one head of that width (neox layout, or interleaved when
 `rope_interleave`), with the source model's rope_parameters. Exact conversion uses one block per KV
@@ -18,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig, MixtralConfig, Qwen2Config
+from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 
 @dataclass
@@ -40,6 +46,9 @@ class MLAFields:
     mla_q_bias: bool = False
     mla_kv_a_bias: bool = False
     mla_o_bias: bool = False
+    # Per-head q/k RMSNorm (Qwen3): the source's KV heads whose normalized keys feed the latent through
+    # kv_a_key_proj (k_proj carries a bias when mla_kv_a_bias does); None: no such path.
+    mla_key_norm_heads: int | None = None
     # Provenance: source family/architecture, conversion mode and settings.
     transmla: dict | None = None
 
@@ -62,6 +71,8 @@ class MLALayout:
     o_bias: bool
     latent_layernorm: bool
     q_lora_rank: int | None
+    key_norm_heads: int | None = None  # per-head q/k norms: the source's KV heads (see mla_key_norm_heads)
+    head_dim: int | None = None  # the source head_dim, with per-head norms (their width)
     rope_pair_freqs: tuple[int, ...] | None = None  # this layer's, in the selected-frequency layout
     source_rotary_dim: int | None = None  # the source head_dim, in the selected-frequency layout
 
@@ -98,6 +109,8 @@ def mla_layout(config, layer_idx: int | None = None) -> MLALayout:
         o_bias=config.mla_o_bias if ours else False,
         latent_layernorm=bool(getattr(config, "qk_latent_layernorm", False)),
         q_lora_rank=_q_lora_rank(config, ours),
+        key_norm_heads=getattr(config, "mla_key_norm_heads", None),
+        head_dim=getattr(config, "head_dim", None) if getattr(config, "mla_key_norm_heads", None) else None,
         **_pair_freqs(config, layer_idx),
     )
 
@@ -160,7 +173,22 @@ class MixtralMLAConfig(MixtralConfig, MLAFields):
     model_type = "mixtral_mla"
 
 
-MLA_CONFIG_CLASSES = {c.model_type: c for c in (LlamaMLAConfig, Qwen2MLAConfig, MixtralMLAConfig)}
+@strict
+class Qwen3MLAConfig(Qwen3Config, MLAFields):
+    """Converted Qwen3 checkpoints (per-head q/k norms before the latent, mla_key_norm_heads)."""
+
+    model_type = "qwen3_mla"
+
+
+@strict
+class Qwen3MoeMLAConfig(Qwen3MoeConfig, MLAFields):
+    """Converted Qwen3-MoE checkpoints (Qwen3 attention as above; experts unchanged)."""
+
+    model_type = "qwen3_moe_mla"
+
+
+MLA_CONFIG_CLASSES = {c.model_type: c for c in (LlamaMLAConfig, Qwen2MLAConfig, MixtralMLAConfig, Qwen3MLAConfig,
+                                                Qwen3MoeMLAConfig)}
 
 
 # The public TransMLA converter writes model_type deepseek_v3 with these architectures; transformers alone

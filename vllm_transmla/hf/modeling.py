@@ -10,9 +10,12 @@ from torch import nn
 from transformers.models.llama import modeling_llama as llama
 from transformers.models.mixtral import modeling_mixtral as mixtral
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
+from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3_moe
 
 from .attention import MLAAttention, rope_config
-from .configuration import LlamaMLAConfig, MixtralMLAConfig, Qwen2MLAConfig, as_our_config
+from .configuration import (LlamaMLAConfig, MixtralMLAConfig, Qwen2MLAConfig, Qwen3MLAConfig, Qwen3MoeMLAConfig,
+                            as_our_config)
 
 
 def _use_mla(model, layer_cls, rotary_cls) -> None:
@@ -109,10 +112,70 @@ class MixtralMLAForCausalLM(MixtralMLAPreTrainedModel, mixtral.MixtralForCausalL
         self.post_init()
 
 
+# --- Qwen3 (per-head q/k norms inside MLAAttention) -------------------------------------------------
+class Qwen3MLADecoderLayer(qwen3.Qwen3DecoderLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.self_attn = MLAAttention(config, layer_idx)
+
+
+class Qwen3MLAPreTrainedModel(qwen3.Qwen3PreTrainedModel):
+    config_class = Qwen3MLAConfig
+    _no_split_modules = ["Qwen3MLADecoderLayer"]
+    _can_record_outputs = {"hidden_states": Qwen3MLADecoderLayer, "attentions": MLAAttention}
+
+
+class Qwen3MLAModel(Qwen3MLAPreTrainedModel, qwen3.Qwen3Model):
+    def __init__(self, config):
+        super().__init__(config)
+        _use_mla(self, Qwen3MLADecoderLayer, qwen3.Qwen3RotaryEmbedding)
+        self.post_init()
+
+
+class Qwen3MLAForCausalLM(Qwen3MLAPreTrainedModel, qwen3.Qwen3ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = Qwen3MLAModel(config)
+        self.post_init()
+
+
+# --- Qwen3-MoE -------------------------------------------------------------------------------------
+class Qwen3MoeMLADecoderLayer(qwen3_moe.Qwen3MoeDecoderLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.self_attn = MLAAttention(config, layer_idx)
+
+
+class Qwen3MoeMLAPreTrainedModel(qwen3_moe.Qwen3MoePreTrainedModel):
+    config_class = Qwen3MoeMLAConfig
+    _no_split_modules = ["Qwen3MoeMLADecoderLayer"]
+    _can_record_outputs = {
+        "router_logits": qwen3_moe.OutputRecorder(qwen3_moe.Qwen3MoeTopKRouter, index=0),
+        "hidden_states": Qwen3MoeMLADecoderLayer,
+        "attentions": MLAAttention,
+    }
+
+
+class Qwen3MoeMLAModel(Qwen3MoeMLAPreTrainedModel, qwen3_moe.Qwen3MoeModel):
+    def __init__(self, config):
+        super().__init__(config)
+        _use_mla(self, Qwen3MoeMLADecoderLayer, qwen3_moe.Qwen3MoeRotaryEmbedding)
+        self.post_init()
+
+
+class Qwen3MoeMLAForCausalLM(Qwen3MoeMLAPreTrainedModel, qwen3_moe.Qwen3MoeForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = Qwen3MoeMLAModel(config)
+        self.post_init()
+
+
 MLA_CAUSAL_LM_CLASSES = {
     LlamaMLAConfig: LlamaMLAForCausalLM,
     Qwen2MLAConfig: Qwen2MLAForCausalLM,
     MixtralMLAConfig: MixtralMLAForCausalLM,
+    Qwen3MLAConfig: Qwen3MLAForCausalLM,
+    Qwen3MoeMLAConfig: Qwen3MoeMLAForCausalLM,
 }
 
 

@@ -7,18 +7,23 @@ vLLM's `MLAAttention` over the paged latent cache, with our backend for any late
 
 TP: query heads are split across ranks (q_proj, kv_b_proj column-parallel, o_proj row-parallel); the
 latent projection and cache are replicated, as vLLM does for DeepSeek.
+
+Per-head q/k norms (Qwen3, `mla_key_norm_heads`): q_proj is the source's (head_dim per head), then q_norm and
+each head's q_head_proj (split with the heads); the latent adds kv_a_key_proj of k_norm(k_proj(x)), replicated
+like kv_a_proj_with_mqa (see hf/configuration.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention.mla_attention import MLAAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.utils import set_weight_attrs
 
 from ..hf.configuration import block_rope_parameters, mla_layout
 from .backend import LatentMLABackend, LatentPrefillBackend
@@ -43,17 +48,21 @@ class LatentAttention(nn.Module):
         hidden, heads = config.hidden_size, config.num_attention_heads
 
         self.q_lora_rank = layout.q_lora_rank
+        self.key_norm_heads = layout.key_norm_heads
+        q_width = heads * (layout.head_dim if self.key_norm_heads else self.qk_head_dim)
         if self.q_lora_rank:  # low-rank queries, no norm between (see hf/attention.py)
             self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=False, quant_config=quant_config,
                                              prefix=f"{prefix}.q_a_proj")
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * self.qk_head_dim, bias=layout.q_bias,
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, q_width, bias=layout.q_bias,
                                                  quant_config=quant_config, prefix=f"{prefix}.q_b_proj")
         else:
-            self.q_proj = ColumnParallelLinear(hidden, heads * self.qk_head_dim, bias=layout.q_bias,
-                                               quant_config=quant_config, prefix=f"{prefix}.q_proj")
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.qk_rope_head_dim,
-                                                   bias=layout.kv_a_bias, quant_config=quant_config,
+            self.q_proj = ColumnParallelLinear(hidden, q_width, bias=layout.q_bias, quant_config=quant_config,
+                                               prefix=f"{prefix}.q_proj")
+        latent = self.kv_lora_rank + self.qk_rope_head_dim
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, latent, bias=layout.kv_a_bias, quant_config=quant_config,
                                                    prefix=f"{prefix}.kv_a_proj_with_mqa")
+        if self.key_norm_heads:
+            self._init_head_norms(config, layout, quant_config, prefix)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim),
                                               bias=False, quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
@@ -77,16 +86,30 @@ class LatentAttention(nn.Module):
             prefill_backend_cls=LatentPrefillBackend,
         )
 
+    def _init_head_norms(self, config, layout, quant_config, prefix: str) -> None:
+        d, keys = layout.head_dim, layout.key_norm_heads * layout.head_dim
+        self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.q_head_proj = HeadwiseLinear(config.num_attention_heads, d, self.qk_head_dim)
+        self.k_proj = ReplicatedLinear(config.hidden_size, keys, bias=layout.kv_a_bias, quant_config=quant_config,
+                                       prefix=f"{prefix}.k_proj")
+        self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.kv_a_key_proj = ReplicatedLinear(keys, self.kv_lora_rank + self.qk_rope_head_dim, bias=False,
+                                              quant_config=quant_config, prefix=f"{prefix}.kv_a_key_proj")
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.shape[0]
         if self.q_lora_rank:
             q = self.q_b_proj(self.q_a_proj(hidden_states)[0])[0]
         else:
             q = self.q_proj(hidden_states)[0]
+        latent = self.kv_a_proj_with_mqa(hidden_states)[0]
+        if self.key_norm_heads:
+            q = self.q_head_proj(self.q_norm(q.view(tokens * self.num_heads, -1)).view(tokens, self.num_heads, -1))
+            keys = self.k_norm(self.k_proj(hidden_states)[0].view(tokens * self.key_norm_heads, -1))
+            latent = latent + self.kv_a_key_proj(keys.view(tokens, -1))[0]
         q = q.view(tokens, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split(
-            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.kv_a_layernorm is not None:
             c_kv = self.kv_a_layernorm(c_kv)
         if self.pair_cos_sin is not None:
@@ -97,6 +120,25 @@ class LatentAttention(nn.Module):
         out = self.mla_attn(q, c_kv.contiguous(), k_pe.view(tokens, 1, self.qk_rope_head_dim),
                             output_shape=(tokens, self.num_heads * self.v_head_dim))
         return self.o_proj(out)[0]
+
+
+class HeadwiseLinear(nn.Module):
+    """One linear map per query head, x [T, H / tp, d_in] -> [T, H / tp, d_out]; the checkpoint's weight
+    [H * d_out, d_in] (head-major) is split by heads across TP ranks, as q_proj is."""
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.local_heads, self.out_features = num_heads // tp, out_features
+        self.weight = nn.Parameter(torch.empty(self.local_heads * out_features, in_features), requires_grad=False)
+        set_weight_attrs(self.weight, {"weight_loader": self._load})
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        rows = self.local_heads * self.out_features
+        param.data.copy_(loaded.narrow(0, get_tensor_model_parallel_rank() * rows, rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("thi,hoi->tho", x, self.weight.view(self.local_heads, self.out_features, -1))
 
 
 def rotate_rope_dims(rotary_emb, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor):

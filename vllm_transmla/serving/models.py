@@ -1,5 +1,5 @@
-"""vLLM model classes for converted checkpoints: vLLM's own Llama / Qwen2 / Mixtral with our MLA
-attention in every decoder layer (MLPs, MoE routing, norms, embeddings and lm_head are vLLM's)."""
+"""vLLM model classes for converted checkpoints: vLLM's own Llama / Qwen2 / Mixtral / Qwen3 / Qwen3-MoE with
+our MLA attention in every decoder layer (MLPs, MoE routing, norms, embeddings and lm_head are vLLM's)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import contextlib
 import torch
 from torch import nn
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.models import mixtral
+from vllm.model_executor.models import mixtral, qwen3_moe
 from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP, LlamaModel
-from vllm.model_executor.models.utils import WeightsMapper
+from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index
 
 from .attention import LatentAttention
 
@@ -41,7 +41,8 @@ class _CheckedWeights:
 @contextlib.contextmanager
 def _module_globals(module, **replacements):
     """Let a vLLM constructor that names its sub-classes directly build ours instead: vLLM 0.32 / 0.33's
-    Mixtral has no layer-type hook (Llama's has one, and Llama and Qwen2 use it)."""
+    Mixtral has no layer-type hook, Qwen3-MoE's causal LM none for its model (Llama's has one, and Llama, Qwen2
+    and Qwen3 use it)."""
     saved = {name: getattr(module, name) for name in replacements}
     for name, value in replacements.items():
         setattr(module, name, value)
@@ -135,4 +136,54 @@ class MixtralMLAForCausalLM(_CheckedWeights, mixtral.MixtralForCausalLM):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         with _module_globals(mixtral, MixtralModel=MixtralMLAModel, MixtralDecoderLayer=MixtralMLADecoderLayer):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
+# --- Qwen3 -----------------------------------------------------------------------------------------
+# A Qwen3 decoder layer is a Llama one up to its attention's per-head q/k norms, which our latent attention
+# carries (mla_key_norm_heads); MLP, norms and tied embeddings are Llama's, so vLLM's Llama model builds it.
+class Qwen3MLAForCausalLM(LlamaMLAForCausalLM):
+    pass
+
+
+# --- Qwen3-MoE -------------------------------------------------------------------------------------
+class Qwen3MoeMLADecoderLayer(_MLADecoderLayer, qwen3_moe.Qwen3MoeDecoderLayer):
+    """vLLM's Qwen3-MoE layer with our attention: sparse MoE block (FusedMoE, no shared expert), or the dense
+    MLP in `mlp_only_layers` and off the `decoder_sparse_step`, chosen as vLLM chooses."""
+
+    def __init__(self, vllm_config, prefix: str = "", **_unused):
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_text_config
+        self._init_attention(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
+        layer = extract_layer_index(prefix)
+        sparse = (layer not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
+                  and (layer + 1) % config.decoder_sparse_step == 0)
+        if sparse:
+            self.mlp = qwen3_moe.Qwen3MoeSparseMoeBlock(vllm_config=vllm_config, prefix=f"{prefix}.mlp")
+        else:
+            self.mlp = qwen3_moe.Qwen3MoeMLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                                             hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
+                                             prefix=f"{prefix}.mlp")
+
+    def _ffn(self, x):
+        return self.mlp(x)
+
+    forward = _MLADecoderLayer.forward
+
+
+class Qwen3MoeMLAModel(qwen3_moe.Qwen3MoeModel):
+    # vLLM's mapper also stacks q/k/v into qkv_proj, which our attention does not have
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_stacked={".mlp.gate_proj": (".mlp.gate_up_proj", 0),
+                                                           ".mlp.up_proj": (".mlp.gate_up_proj", 1)})
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=Qwen3MoeMLADecoderLayer)
+
+
+class Qwen3MoeMLAForCausalLM(_CheckedWeights, qwen3_moe.Qwen3MoeForCausalLM):
+    hf_to_vllm_mapper = Qwen3MoeMLAModel.hf_to_vllm_mapper
+    packed_modules_mapping = {}
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        with _module_globals(qwen3_moe, Qwen3MoeModel=Qwen3MoeMLAModel):
             super().__init__(vllm_config=vllm_config, prefix=prefix)

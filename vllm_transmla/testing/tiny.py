@@ -26,6 +26,12 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", dict(sliding_window=4096)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=1)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    # per-head q/k RMSNorm; head_dim 32 x 4 heads != hidden 64, as in Qwen3-0.6B
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True)),
+    "qwen3-bias": ("Qwen3Config", dict(tie_word_embeddings=False, attention_bias=True, num_key_value_heads=1)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True,
+                                         tie_word_embeddings=False)),
 }
 
 
