@@ -39,7 +39,7 @@ def test_converted_logits_equal_source(name, tiny_sources, exact_converted, toke
 def test_converted_checkpoint_layout(name, tiny_sources, exact_converted):
     dst = exact_converted[name]
     config = json.loads((dst / "config.json").read_text())
-    assert config["model_type"] in ("llama_mla", "qwen2_mla", "mixtral_mla")
+    assert config["model_type"] in ("llama_mla", "qwen2_mla", "mixtral_mla", "qwen3_mla", "qwen3_moe_mla")
     assert config["model_type"] != "deepseek_v3"
     # No copied remote code: auto_map only names the two shims that import the installed package
     assert set(config["auto_map"].values()) == {f"configuration_transmla.{type_name}" for type_name in [
@@ -58,7 +58,9 @@ def test_converted_checkpoint_layout(name, tiny_sources, exact_converted):
     # Exact mode keeps the cache size: the latent is the concatenated K and V.
     src_cfg, dst_cfg = AutoConfig.from_pretrained(tiny_sources[name]), AutoConfig.from_pretrained(dst)
     assert kv_bytes_per_token(dst_cfg) == kv_bytes_per_token(src_cfg)
-    assert not any("k_proj" in n or "v_proj" in n for n in index["weight_map"])
+    assert not any("v_proj" in n for n in index["weight_map"])
+    # keys are projected only where the per-head norm needs them before the latent (Qwen3)
+    assert any("k_proj" in n for n in index["weight_map"]) == name.startswith("qwen3")
 
 
 def test_tied_embeddings_stay_tied(exact_converted):

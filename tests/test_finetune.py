@@ -214,3 +214,18 @@ def test_cli_finetune_and_its_errors(student_teacher, tmp_path, capsys):
     assert cli_main([*args[:-1], "--overwrite", "--train", "all", "--max-steps", "1", "--quiet"]) == 0
     record = json.loads((out / "transmla_finetune.json").read_text())
     assert record["settings"]["train"] == "all" and record["settings"]["max_steps"] == 1
+
+
+def test_qwen3_moe_student_trains_its_latent_path(tiny_sources, tmp_path):
+    """A Qwen3-MoE student (per-head q/k norms) fine-tunes: the converted projections, q_head_proj and
+    kv_a_key_proj included, change and the distillation loss falls; experts stay the teacher's."""
+    teacher = tiny_sources["qwen3-moe"]
+    student = convert(teacher, tmp_path / "student", kv_ratio=0.25, calib_seq_len=64, progress=False)
+    out = finetune(student, teacher, [TRAIN_TEXT], tmp_path / "tuned", _settings(max_steps=4), progress=False)
+    before, after = SafetensorsCheckpoint(student), SafetensorsCheckpoint(out)
+    changed = {n for n in before.names() if not torch.equal(before.get(n), after.get(n))}
+    layer = "model.layers.1.self_attn."
+    assert {layer + "q_head_proj.weight", layer + "kv_a_key_proj.weight", layer + "kv_b_proj.weight"} <= changed
+    assert not any(".experts." in n or "norm" in n for n in changed), sorted(changed)
+    losses = _losses(json.loads((out / "transmla_finetune.json").read_text())["log_history"])
+    assert losses[max(losses)] < losses[min(losses)], losses

@@ -168,3 +168,29 @@ def test_per_layer_ranks_serve(prompts, tmp_path):
     result = run_vllm({"model": str(dst), **_job(prompts)})
     _assert_same_greedy(reference, result, "per-layer ranks")
     _assert_latent_cache(dst, result)
+
+
+@pytest.fixture(scope="module")
+def qwen3_compressed(tiny_sources, tmp_path_factory):
+    """Qwen3 and Qwen3-MoE (per-head q/k norms; 4 experts top-2, a dense first layer) at 25% of the cache."""
+    from vllm_transmla.convert.pipeline import convert
+
+    root = tmp_path_factory.mktemp("qwen3-25")
+    return {name: convert(tiny_sources[name], root / name, kv_ratio=0.25, calib_seq_len=64, progress=False)
+            for name in ("qwen3", "qwen3-moe")}
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3-moe"])
+def test_qwen3_compressed_serves(name, qwen3_compressed, prompts):
+    """A 25% Qwen3 / Qwen3-MoE checkpoint in vLLM: transformers' greedy tokens on the same checkpoint in fp32,
+    bf16 logprobs close to them, TP=2 the tokens of TP=1, and vLLM's KV cache the latent at both dtypes."""
+    dst = qwen3_compressed[name]
+    reference = hf_greedy(dst, prompts, MAX_TOKENS)
+    fp32 = _vllm(dst, prompts)
+    _assert_same_greedy(reference, fp32, f"{name} 25%")
+    _assert_latent_cache(dst, fp32)
+    bf16 = _vllm(dst, prompts, dtype="bfloat16")
+    check_logprobs_close(reference, bf16["outputs"], f"{name} 25% bf16")
+    _assert_latent_cache(dst, bf16, dtype_bytes=2)
+    tp2 = run_vllm({"model": str(dst), **_job(prompts, tp=2)}, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert [o["token_ids"] for o in tp2["outputs"]] == [o["token_ids"] for o in fp32["outputs"]]

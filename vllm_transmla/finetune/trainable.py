@@ -7,11 +7,12 @@ from torch import nn
 from ..hf.attention import MLAAttention
 
 SCOPES = {
-    "mla": "the projections the conversion wrote (q or q_a/q_b, kv_a_proj_with_mqa, kv_b_proj)",
+    "mla": "the projections the conversion wrote (q or q_a/q_b, kv_a_proj_with_mqa, kv_b_proj; Qwen3: also "
+           "q_head_proj, kv_a_key_proj)",
     "attention": "every attention weight (also o_proj) and every RMSNorm",
     "all": "every weight of the model",
 }
-MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "q_head_proj", "kv_a_key_proj")
 
 
 def _is_norm(module: nn.Module) -> bool:

