@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a GQA checkpoint (Llama, Mistral, Qwen2, Mixtral) to MLA")
+    p = sub.add_parser("convert",
+                       help="convert a GQA checkpoint (Llama, Mistral, Qwen2, Mixtral, Qwen3, Qwen3-MoE) to MLA")
     p.add_argument("src", help="source checkpoint directory (config.json + *.safetensors); never modified")
     p.add_argument("dst", help="output directory; must not exist unless --overwrite")
     p.add_argument("--mode", choices=["exact", "compressed"], default=None,
