@@ -56,13 +56,18 @@ def main() -> None:
             runs.append({"case": name, "command": " ".join(["transmla", "convert", "SRC", "DST", *CASES[name]]),
                          "seconds": round(seconds, 1), "peak_rss_mb": round(int(done.stdout.split()[-1]) / 1024, 1)})
             print(json.dumps(runs[-1]), flush=True)
+            _write(args.out, src, runs, complete=len(runs) == len(args.cases))  # after every case: a stop keeps them
+
+
+def _write(out: str, src: str, runs: list[dict], complete: bool) -> None:
     plain = next((r["seconds"] for r in runs if r["case"] == "compressed 25%"), None)
     for r in runs:
         r["vs_plain_compressed"] = round(r["seconds"] / plain, 2) if plain else None
     result = {"source": src, "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
               "runs": runs}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
+    if not complete:
+        result["partial"] = "the run stopped before every case was measured"
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -73,12 +73,13 @@ def read_architecture(reader) -> str:
 class GGUFCheckpoint:
     """Name -> float32 tensor access over one GGUF file, under transformers' tensor names (read-only)."""
 
-    def __init__(self, path: Path, num_heads: int, num_kv_heads: int):
+    def __init__(self, path: Path, num_heads: int, num_kv_heads: int, reader=None):
+        """`reader`: the file's GGUFReader where the caller has one (parsing a file again costs seconds)."""
         from gguf import GGMLQuantizationType, GGUFReader
 
         self.path = Path(path)
         try:
-            reader = GGUFReader(self.path)
+            reader = reader or GGUFReader(self.path)
         except Exception as err:  # noqa: BLE001  (any parse failure means a broken download)
             raise TransMLAError(f"{self.path} is not a readable GGUF file ({type(err).__name__}: "
                                 f"{str(err).splitlines()[0] if str(err) else 'truncated'}): re-download it") from None

@@ -81,10 +81,15 @@ class CompressedLayers:
                                    nope_scale=self.runner.attention_scaling ** 2)
         del stats
         converted = self._converted_attention(layer, tensors, w, basis.pair_freqs)
-        moments = self.runner.value_refit_moments(layer, converted.attention, converted.cos_sin)
+        *moments, latents = self.runner.value_refit_moments(layer, converted.attention, converted.cos_sin,
+                                                            keep_latents=True)
         tensors["kv_b_proj.weight"] = refit_value_projection(tensors["kv_b_proj.weight"], moments, gqa.num_heads,
                                                              gqa.head_dim)
         converted.attention.kv_b_proj.weight.data = tensors["kv_b_proj.weight"].float()
+        if latents is not None:
+            from .calibration import ReplayAttention
+
+            converted = ReplayAttention(latents, converted.attention)
         self.runner.advance(layer, converted)
         return tensors
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class Source:
     family: FamilySpec
     gqa: GQAShape
     weights: SafetensorsCheckpoint | GGUFCheckpoint
+    _tokenizer: object = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -85,10 +86,13 @@ class Source:
         return [n for n in self.weights.names() if not n.endswith(IGNORED_SUFFIXES)]
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        """The source's tokenizer, loaded once (from a GGUF it takes seconds: transformers parses the file)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
 
-        with transformers_view(self.path) as (directory, gguf_file):
-            return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+            with transformers_view(self.path) as (directory, gguf_file):
+                self._tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        return self._tokenizer
 
     def write_side_files(self, dst: Path) -> None:
         """Tokenizer, chat template and generation files beside the converted weights."""
@@ -141,7 +145,8 @@ def _open_gguf(path: Path) -> Source:
     from transformers import AutoConfig
 
     try:
-        architecture = read_architecture(GGUFReader(path))
+        reader = GGUFReader(path)
+        architecture = read_architecture(reader)
     except TransMLAError:
         raise
     except Exception as err:  # noqa: BLE001  (any parse failure means a broken download)
@@ -161,7 +166,7 @@ def _open_gguf(path: Path) -> Source:
     config.architectures = raw["architectures"]
     _check_config(config, family)
     gqa = GQAShape.from_config(config, family.head_norms)
-    weights = GGUFCheckpoint(path, gqa.num_heads, gqa.num_kv_heads)
+    weights = GGUFCheckpoint(path, gqa.num_heads, gqa.num_kv_heads, reader)
     source = Source(path, raw, config, family, gqa, weights)
     check_weights_match_config(source)
     return source
