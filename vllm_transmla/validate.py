@@ -61,6 +61,10 @@ def _check_config(path: Path, raw: dict) -> None:
     if not isinstance(rank, int) or rank <= 0:
         raise TransMLAError(f"{path}/config.json has kv_lora_rank={rank!r}: it must be a positive integer; "
                             f"reconvert the checkpoint")
+    groups, heads = raw.get("mla_latent_groups", 1), raw.get("num_attention_heads")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or (isinstance(heads, int) and heads % groups):
+        raise TransMLAError(f"{path}/config.json has mla_latent_groups={groups!r}: it must be a positive integer "
+                            f"dividing num_attention_heads={heads}; reconvert the checkpoint")
     _check_rope_layout(path, raw, rope)
 
 
@@ -95,7 +99,7 @@ def _expected_attention(config, layer: int) -> dict[str, tuple[int, ...]]:
     lay = mla_layout(config, layer)
     heads, hidden = config.num_attention_heads, config.hidden_size
     qk = lay.qk_nope_head_dim + lay.qk_rope_head_dim
-    latent = lay.kv_lora_rank + lay.qk_rope_head_dim
+    latent = lay.latent_groups * (lay.kv_lora_rank + lay.qk_rope_head_dim)  # group-major rows
     q_width = heads * (lay.head_dim if lay.key_norm_heads else qk)  # per-head norms: the source's q_proj
     shapes = {}
     if lay.q_lora_rank:

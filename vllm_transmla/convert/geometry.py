@@ -41,6 +41,7 @@ class MLAShape:
     qk_rope_num_blocks: int
     kv_lora_ranks: tuple[int, ...] | None = None  # per layer; kv_lora_rank is then their maximum
     q_lora_rank: int | None = None  # low-rank queries (q_a_proj, q_b_proj)
+    latent_groups: int = 1  # latents per token and layer, each kv_lora_rank + qk_rope_head_dim (groups.py)
 
     def config_fields(self) -> dict:
         fields = dict(kv_lora_rank=self.kv_lora_rank, qk_rope_head_dim=self.qk_rope_head_dim,
@@ -50,4 +51,6 @@ class MLAShape:
             fields["kv_lora_ranks"] = list(self.kv_lora_ranks)
         if self.q_lora_rank is not None:
             fields["q_lora_rank"] = self.q_lora_rank
+        if self.latent_groups > 1:
+            fields["mla_latent_groups"] = self.latent_groups
         return fields

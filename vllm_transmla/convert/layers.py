@@ -12,6 +12,7 @@ import torch
 
 from .exact import exact_attention
 from .geometry import GQAShape
+from .groups import group_shape, group_stats, group_weights, merge_groups
 from .head_norm import head_norm_tensors, linear_view
 from .plan import ConversionPlan
 from .refit import refit_value_projection
@@ -45,15 +46,19 @@ def compressed_layer(gqa: GQAShape, basis, rank: int, w: AttentionWeights, q_lor
 
 
 class ExactLayers:
-    """Same function, same cache (see exact.py)."""
+    """Same function, same cache (see exact.py); with latent groups, the exact construction per group."""
 
-    def __init__(self, source: Source):
-        self.source = source
+    def __init__(self, source: Source, groups: int = 1):
+        self.source, self.groups = source, groups
         self.pair_freqs: list[list[int] | None] = []
 
     def convert(self, layer: int) -> dict[str, torch.Tensor]:
         self.pair_freqs.append(None)
-        return exact_layer(self.source.gqa, self.source.attention_weights(layer))
+        w, g = self.source.attention_weights(layer), self.groups
+        if g == 1:
+            return exact_layer(self.source.gqa, w)
+        shape = group_shape(self.source.gqa, g)
+        return merge_groups([exact_layer(shape, group_weights(w, g, i)) for i in range(g)])
 
 
 class CompressedLayers:
@@ -70,17 +75,13 @@ class CompressedLayers:
         self.pair_freqs: list[list[int] | None] = []
 
     def convert(self, layer: int) -> dict[str, torch.Tensor]:
-        from .compress import analyse_layer
-
         plan, gqa = self.plan, self.source.gqa
         stats = self.runner.stats(layer, input_cov=plan.q_lora_rank is not None)
         w = self.source.attention_weights(layer)
-        basis = analyse_layer(gqa, plan.rope_dim, plan.freqfold, stats, w.o.float())
-        self.pair_freqs.append(basis.pair_freqs)
-        tensors = compressed_layer(gqa, basis, plan.layer_rank(layer), w, plan.q_lora_rank, stats.input_cov,
-                                   nope_scale=self.runner.attention_scaling ** 2)
+        tensors, pair_freqs = self._build(layer, stats, w)
+        self.pair_freqs.append(pair_freqs)
         del stats
-        converted = self._converted_attention(layer, tensors, w, basis.pair_freqs)
+        converted = self._converted_attention(layer, tensors, w, pair_freqs)
         *moments, latents = self.runner.value_refit_moments(layer, converted.attention, converted.cos_sin,
                                                             keep_latents=True)
         tensors["kv_b_proj.weight"] = refit_value_projection(tensors["kv_b_proj.weight"], moments, gqa.num_heads,
@@ -92,6 +93,23 @@ class CompressedLayers:
             converted = ReplayAttention(latents, converted.attention)
         self.runner.advance(layer, converted)
         return tensors
+
+    def _build(self, layer: int, stats, w: AttentionWeights) -> tuple[dict[str, torch.Tensor], list[int] | None]:
+        """The layer's tensors before the value refit, and its rope pair frequencies (select layout); per latent
+        group on the group's statistics and weights, then merged (groups.py)."""
+        from .compress import analyse_layer
+
+        plan, groups = self.plan, self.plan.latent_groups
+        shape, scale = plan.group_gqa, self.runner.attention_scaling ** 2
+        built, pair_freqs = [], None
+        for g in range(groups):
+            group_w = group_weights(w, groups, g) if groups > 1 else w
+            group_st = group_stats(stats, groups, g) if groups > 1 else stats
+            basis = analyse_layer(shape, plan.rope_dim, plan.freqfold, group_st, group_w.o.float())
+            pair_freqs = basis.pair_freqs  # one group, or FreqFold layouts (None) for several
+            built.append(compressed_layer(shape, basis, plan.layer_rank(layer), group_w, plan.q_lora_rank,
+                                          group_st.input_cov, nope_scale=scale))
+        return (built[0] if groups == 1 else merge_groups(built)), pair_freqs
 
     def _converted_attention(self, layer: int, tensors: dict, weights, pair_freqs):
         """The converted attention of `layer`, for the decoder layer to run in place of the source's."""

@@ -131,7 +131,7 @@ def _layer_converter(source: Source, plan: ConversionPlan, progress: bool):
     from .layers import CompressedLayers, ExactLayers
 
     if not plan.compressed:
-        return ExactLayers(source), plan
+        return ExactLayers(source, plan.latent_groups), plan
     from .calibration import calibration_tokens
 
     tokens, names = calibration_tokens(source, plan.calibration)
@@ -193,6 +193,7 @@ def conversion_summary(dst: Path) -> str:
     dtype = str(cfg.dtype).removeprefix("torch.") if cfg.dtype is not None else "bfloat16"
     width = DTYPE_BYTES.get(dtype, 2)
     original = 2 * cfg.transmla["source_num_key_value_heads"] * cfg.head_dim * cfg.num_hidden_layers * width
+    groups = f", {cfg.mla_latent_groups} latent groups" if cfg.mla_latent_groups > 1 else ""
     return (f"wrote {dst} ({cfg.architectures[0]}, kv_lora_rank={cfg.kv_lora_rank}, qk_rope_head_dim="
-            f"{cfg.qk_rope_head_dim}); KV cache per token ({dtype}): {original} B -> "
+            f"{cfg.qk_rope_head_dim}{groups}); KV cache per token ({dtype}): {original} B -> "
             f"{kv_bytes_per_token(cfg, width)} B")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ..errors import TransMLAError
 from .compress import SELECT, check_q_lora_rank, check_rank, plan_rope
 from .geometry import GQAShape, MLAShape
+from .groups import group_shape
 
 AUTO = "auto"
 MIN_LATENT_RANK = 4  # below this the latent cannot carry keys and values of any model
@@ -35,6 +36,7 @@ class ConvertOptions:
     calib: tuple[str, ...] | None = None
     calib_seq_len: int = 256
     calib_tokens: int = 32768
+    latent_groups: int = 1  # G latents, one per group of query heads and the KV heads they read (groups.py)
 
     @property
     def compressing(self) -> bool:
@@ -66,6 +68,12 @@ class ConversionPlan:
     calibration: Calibration | None = None
     notes: tuple[str, ...] = ()
     survey_results: dict = field(default_factory=dict)  # what the survey measured, for the provenance
+    latent_groups: int = 1  # ranks, rope width and layout are per group (groups.py)
+
+    @property
+    def group_gqa(self) -> GQAShape:
+        """The attention shape each latent is built for: the whole model's, or one group's."""
+        return group_shape(self.gqa, self.latent_groups)
 
     @property
     def compressed(self) -> bool:
@@ -87,23 +95,24 @@ class ConversionPlan:
         from .exact import exact_mla_shape
 
         if not self.compressed:
-            return exact_mla_shape(self.gqa)
+            return dataclasses.replace(exact_mla_shape(self.group_gqa), latent_groups=self.latent_groups)
         ranks = self.ranks or (self.rank,) * self.num_layers
-        shape = compressed_mla_shape(self.gqa, max(ranks), self.rope_dim, self.freqfold)
+        shape = compressed_mla_shape(self.group_gqa, max(ranks), self.rope_dim, self.freqfold)
         return dataclasses.replace(shape, kv_lora_ranks=tuple(ranks) if self.ranks else None,
-                                   q_lora_rank=self.q_lora_rank)
+                                   q_lora_rank=self.q_lora_rank, latent_groups=self.latent_groups)
 
     def settings(self) -> dict:
         """The provenance recorded in config.json's `transmla` entry."""
+        groups = {"latent_groups": self.latent_groups} if self.latent_groups > 1 else {}
         if not self.compressed:
-            return {"mode": self.mode}
+            return {"mode": self.mode, **groups}
         cal = self.calibration
         out = {"mode": self.mode, "kv_lora_rank": self.rank, "qk_rope_dim": self.rope_dim,
                "freqfold": self.freqfold, "rank_allocation": self.rank_allocation, "q_lora_rank": self.q_lora_rank,
                "calibration_seq_len": cal.seq_len}
         if self.ranks:
             out["kv_lora_ranks"] = list(self.ranks)
-        return {**out, **self.survey_results}
+        return {**out, **groups, **self.survey_results}
 
 
 def compressed_mla_shape(gqa: GQAShape, rank: int, rope_dim: int, freqfold) -> MLAShape:
@@ -115,8 +124,11 @@ def compressed_mla_shape(gqa: GQAShape, rank: int, rope_dim: int, freqfold) -> M
 
 
 def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> ConversionPlan:
-    """Resolve and check `options` for a source of shape `gqa`; raises TransMLAError naming the flag."""
+    """Resolve and check `options` for a source of shape `gqa`; raises TransMLAError naming the flag. With
+    latent groups, the ranks, rope width and layout are those of each group's latent."""
     mode = options.mode or ("compressed" if options.compressing else "exact")
+    groups = _check_groups(options)
+    whole, gqa = gqa, group_shape(gqa, groups)
     if mode not in ("exact", "compressed"):
         raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
     if options.rank_allocation not in (None, "uniform", "measured"):
@@ -126,10 +138,10 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
         if options.compressing:
             raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation/--q-lora-rank "
                                 "need --mode compressed (exact mode keeps the full K and V)")
-        return ConversionPlan(mode=mode, gqa=gqa, num_layers=num_layers)
+        return ConversionPlan(mode=mode, gqa=whole, num_layers=num_layers, latent_groups=groups)
     calibration = _check_calibration(options)
     notes = []
-    width = 2 * gqa.kv_width  # cached values per token and layer in the source
+    width = 2 * gqa.kv_width  # cached values per token and layer in the source (in one group's KV heads)
     ratio = _check_ratio(options.kv_ratio)
     budget = int(round(ratio * width)) if ratio is not None else None
     rope = options.qk_rope_dim if options.qk_rope_dim is not None else _default_rope_dim(gqa, budget, ratio, notes)
@@ -154,11 +166,32 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
     compressed_mla_shape(gqa, rank, rope, SELECT if freqfold == AUTO else freqfold)
     if options.q_lora_rank is not None:
         check_q_lora_rank(gqa, options.q_lora_rank, rope)
+    if groups > 1:
+        _check_grouped_options(freqfold, options)
+    per = f" per group ({groups} groups)" if groups > 1 else ""
     notes.append(f"latent {rank} + {rope} rope = {rank + rope} of the {width} values the source caches per token "
-                 f"and layer ({(rank + rope) / width:.1%})")
-    return ConversionPlan(mode=mode, gqa=gqa, num_layers=num_layers, rank=rank, rope_dim=rope, freqfold=freqfold,
+                 f"and layer{per} ({(rank + rope) / width:.1%})")
+    return ConversionPlan(mode=mode, gqa=whole, num_layers=num_layers, rank=rank, rope_dim=rope, freqfold=freqfold,
                           rank_allocation=options.rank_allocation or "uniform", q_lora_rank=options.q_lora_rank,
-                          calibration=calibration, notes=tuple(notes))
+                          calibration=calibration, notes=tuple(notes), latent_groups=groups)
+
+
+def _check_groups(options: ConvertOptions) -> int:
+    groups = options.latent_groups
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise TransMLAError(f"--latent-groups {groups!r} must be a positive whole number (1: one latent)")
+    return groups
+
+
+def _check_grouped_options(freqfold, options: ConvertOptions) -> None:
+    """What grouped latents do not support yet, refused before any tensor is read."""
+    if freqfold in (SELECT, AUTO):
+        raise TransMLAError(f"--freqfold {freqfold} is not supported with --latent-groups (each group would pick its "
+                            f"own frequencies): pass a FreqFold number, e.g. --freqfold 2")
+    if options.rank_allocation == "measured":
+        raise TransMLAError("--rank-allocation measured is not supported with --latent-groups: use uniform ranks")
+    if options.q_lora_rank is not None:
+        raise TransMLAError("--q-lora-rank is not supported with --latent-groups: leave it out")
 
 
 def _check_ratio(ratio) -> float | None:

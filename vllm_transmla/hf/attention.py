@@ -92,7 +92,11 @@ class MLAAttention(nn.Module):
             self.q_b_proj = nn.Linear(layout.q_lora_rank, q_width, bias=layout.q_bias)
         else:
             self.q_proj = nn.Linear(hidden, q_width, bias=layout.q_bias)
-        latent = self.kv_lora_rank + self.qk_rope_head_dim
+        self.groups = layout.latent_groups
+        if self.num_heads % self.groups:
+            raise ValueError(f"mla_latent_groups={self.groups} does not divide num_attention_heads={self.num_heads}: "
+                             f"the config is inconsistent; reconvert the checkpoint")
+        latent = self.groups * (self.kv_lora_rank + self.qk_rope_head_dim)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, latent, bias=layout.kv_a_bias)
         if layout.key_norm_heads:  # Qwen3: the latent reads the normalized keys (see configuration.py)
             d = layout.head_dim
@@ -120,7 +124,7 @@ class MLAAttention(nn.Module):
 
     def project(self, hidden_states, position_embeddings, past_key_values=None):
         """hidden [B, T, hidden] -> q_nope [B, H, T, nope], roped q_pe [B, H, T, rope], and the cache:
-        c_kv [B, 1, S, R], roped k_pe [B, 1, S, rope] (S = T plus what `past_key_values` held)."""
+        c_kv [B, G, S, R], roped k_pe [B, G, S, rope] (S = T plus what `past_key_values` held; G latent groups)."""
         b, t, _ = hidden_states.shape
         q = self.q_b_proj(self.q_a_proj(hidden_states)) if self.layout.q_lora_rank else self.q_proj(hidden_states)
         latent = self.kv_a_proj_with_mqa(hidden_states)
@@ -130,6 +134,7 @@ class MLAAttention(nn.Module):
             latent = latent + self.kv_a_key_proj(keys.flatten(-2))
         q = q.view(b, t, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent = latent.view(b, t, self.groups, -1)  # [B, T, G, R + rope]
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.layout.latent_layernorm:
             c_kv = self.kv_a_layernorm(c_kv)
@@ -138,10 +143,10 @@ class MLAAttention(nn.Module):
             cos, sin = select_rope_pairs(cos, self.pair_freqs), select_rope_pairs(sin, self.pair_freqs)
         blocks, interleave = self.layout.rope_blocks, self.layout.rope_interleave
         q_pe = apply_block_rope(q_pe, cos, sin, blocks, interleave)
-        k_pe = apply_block_rope(k_pe.unsqueeze(2), cos, sin, blocks, interleave)
+        k_pe = apply_block_rope(k_pe.contiguous(), cos, sin, blocks, interleave)
 
-        # Cache layout [B, 1, S, *]: "keys" hold c_kv, "values" hold the roped k_pe.
-        c_kv, k_pe = c_kv.unsqueeze(1), k_pe.transpose(1, 2)
+        # Cache layout [B, G, S, *]: "keys" hold c_kv, "values" hold the roped k_pe (one "KV head" per group).
+        c_kv, k_pe = c_kv.transpose(1, 2), k_pe.transpose(1, 2)
         if past_key_values is not None:
             c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
         return q_nope.transpose(1, 2), q_pe.transpose(1, 2), c_kv, k_pe
@@ -159,15 +164,18 @@ class MLAAttention(nn.Module):
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
         """Expand the latent: per-head keys [k_nope ; k_pe] and values, then ordinary attention."""
-        b, _, s, _ = c_kv.shape
-        kv = self.kv_b_proj(c_kv[:, 0]).view(b, s, self.num_heads, -1).transpose(1, 2)
+        b, groups, s, _ = c_kv.shape
+        per_group = self.num_heads // groups
+        w = self.kv_b_proj.weight.view(groups, per_group, -1, self.kv_lora_rank)  # each head reads its group
+        kv = torch.einsum("bgsr,ghor->bghso", c_kv, w).reshape(b, self.num_heads, s, -1)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(b, self.num_heads, s, self.qk_rope_head_dim)], dim=-1)
+        k_pe = k_pe.repeat_interleave(per_group, dim=1) if groups > 1 else k_pe.expand(b, self.num_heads, s, -1)
+        k = torch.cat([k_nope, k_pe], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         return self._attention(q, k, v, mask, kv_groups=1, **kwargs)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
-        """Absorb W_UK into the queries and W_UV into the output: one shared latent "head" (MQA)."""
+        """Absorb W_UK into the queries and W_UV into the output: one shared latent "head" per group (MQA)."""
         out_latent = self.latent_attention(q_nope, q_pe, c_kv, k_pe, mask, **kwargs)
         return torch.einsum("bthr,hdr->bthd", out_latent, self._up_projections()[1])
 
@@ -175,8 +183,8 @@ class MLAAttention(nn.Module):
         """Each head's attention-weighted mean of the cached latents, before W_UV: [B, T, H, R]."""
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, self._up_projections()[0])
         q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, T, R + rope]
-        k = torch.cat([c_kv, k_pe], dim=-1)  # [B, 1, S, R + rope]
-        return self._attention(q, k, c_kv, mask, kv_groups=self.num_heads, **kwargs)
+        k = torch.cat([c_kv, k_pe], dim=-1)  # [B, G, S, R + rope]
+        return self._attention(q, k, c_kv, mask, kv_groups=self.num_heads // c_kv.shape[1], **kwargs)
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, R] and W_UV [H, v, R], views of kv_b_proj.weight."""

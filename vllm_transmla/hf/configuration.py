@@ -13,6 +13,9 @@ latent come from the source's normalized heads (convert/head_norm.py):
     q        = q_head_proj_h(q_norm(q_proj(x))_h)               per head, q_proj [H * head_dim, hidden]
     latent   = kv_a_proj_with_mqa(x) + kv_a_key_proj(k_norm(k_proj(x)))   k_proj [n * head_dim, hidden]
 
+With G latent groups (`mla_latent_groups`), `latent` is G of those, one per group of H / G query heads, and
+query head h reads group h // (H / G) (convert/groups.py).
+
 Only `latent` is cached. RoPE acts on the qk_rope_head_dim dims split into `qk_rope_num_blocks`
 equal blocks, each rotated like one head of that width (neox layout, or interleaved when
 `rope_interleave`), with the source model's rope_parameters. Exact conversion uses one block per KV
@@ -49,6 +52,9 @@ class MLAFields:
     # Per-head q/k RMSNorm (Qwen3): the source's KV heads whose normalized keys feed the latent through
     # kv_a_key_proj (k_proj carries a bias when mla_kv_a_bias does); None: no such path.
     mla_key_norm_heads: int | None = None
+    # Grouped latents (convert/groups.py): G latents per token and layer, kv_lora_rank + qk_rope_head_dim each;
+    # query head h reads latent h // (num_attention_heads / G). kv_a_proj_with_mqa's rows are group-major.
+    mla_latent_groups: int = 1
     # Provenance: source family/architecture, conversion mode and settings.
     transmla: dict | None = None
 
@@ -72,6 +78,7 @@ class MLALayout:
     latent_layernorm: bool
     q_lora_rank: int | None
     key_norm_heads: int | None = None  # per-head q/k norms: the source's KV heads (see mla_key_norm_heads)
+    latent_groups: int = 1  # latents per token (see mla_latent_groups)
     head_dim: int | None = None  # the source head_dim, with per-head norms (their width)
     rope_pair_freqs: tuple[int, ...] | None = None  # this layer's, in the selected-frequency layout
     source_rotary_dim: int | None = None  # the source head_dim, in the selected-frequency layout
@@ -110,6 +117,7 @@ def mla_layout(config, layer_idx: int | None = None) -> MLALayout:
         latent_layernorm=bool(getattr(config, "qk_latent_layernorm", False)),
         q_lora_rank=_q_lora_rank(config, ours),
         key_norm_heads=getattr(config, "mla_key_norm_heads", None),
+        latent_groups=int(getattr(config, "mla_latent_groups", 1) or 1),
         head_dim=getattr(config, "head_dim", None) if getattr(config, "mla_key_norm_heads", None) else None,
         **_pair_freqs(config, layer_idx),
     )
@@ -149,7 +157,8 @@ def block_rope_parameters(config) -> dict:
 def mla_kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """Bytes of KV cache one token costs across all layers."""
     layers = range(config.num_hidden_layers)
-    return sum(layer_kv_lora_rank(config, i) + config.qk_rope_head_dim for i in layers) * dtype_bytes
+    groups = int(getattr(config, "mla_latent_groups", 1) or 1)
+    return groups * sum(layer_kv_lora_rank(config, i) + config.qk_rope_head_dim for i in layers) * dtype_bytes
 
 
 @strict

@@ -6,7 +6,10 @@ source's rope parameters (llama3 scaling included), and the source's logit scale
 vLLM's `MLAAttention` over the paged latent cache, with our backend for any latent width.
 
 TP: query heads are split across ranks (q_proj, kv_b_proj column-parallel, o_proj row-parallel); the
-latent projection and cache are replicated, as vLLM does for DeepSeek.
+latent projection and cache are replicated, as vLLM does for DeepSeek. With G latent groups
+(`mla_latent_groups`, convert/groups.py) TP must divide G: each rank holds G / TP groups, their query heads
+and only their latents (kv_a_proj_with_mqa is split by rows, group-major), one vLLM MLAAttention - one paged
+cache of R + D per token - per group.
 
 Per-head q/k norms (Qwen3, `mla_key_norm_heads`): q_proj is the source's (head_dim per head), then q_norm and
 each head's q_head_proj (split with the heads); the latent adds kv_a_key_proj of k_norm(k_proj(x)), replicated
@@ -58,11 +61,18 @@ class LatentAttention(nn.Module):
         else:
             self.q_proj = ColumnParallelLinear(hidden, q_width, bias=layout.q_bias, quant_config=quant_config,
                                                prefix=f"{prefix}.q_proj")
-        latent = self.kv_lora_rank + self.qk_rope_head_dim
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, latent, bias=layout.kv_a_bias, quant_config=quant_config,
-                                                   prefix=f"{prefix}.kv_a_proj_with_mqa")
+        self.groups = layout.latent_groups
+        if self.groups > 1 and self.groups % tp:
+            raise ValueError(f"mla_latent_groups={self.groups} is not divisible by tensor_parallel_size={tp}: choose "
+                             f"a tensor_parallel_size that divides it")
+        self.local_groups = self.groups // tp if self.groups > 1 else 1
+        latent = self.groups * (self.kv_lora_rank + self.qk_rope_head_dim)
+        # One latent is replicated on every rank; grouped latents are split with their heads.
+        latent_linear = ColumnParallelLinear if self.groups > 1 else ReplicatedLinear
+        self.kv_a_proj_with_mqa = latent_linear(hidden, latent, bias=layout.kv_a_bias, quant_config=quant_config,
+                                                prefix=f"{prefix}.kv_a_proj_with_mqa")
         if self.key_norm_heads:
-            self._init_head_norms(config, layout, quant_config, prefix)
+            self._init_head_norms(config, layout, quant_config, prefix, latent_linear)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim),
                                               bias=False, quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
@@ -78,23 +88,33 @@ class LatentAttention(nn.Module):
         pair_cos_sin = (select_pair_cos_sin(self.rotary_emb.cos_sin_cache, list(layout.rope_pair_freqs))
                         if layout.rope_pair_freqs is not None else None)
         self.register_buffer("pair_cos_sin", pair_cos_sin, persistent=False)
-        self.mla_attn = MLAAttention(
-            num_heads=self.num_heads, scale=layout.softmax_scale, qk_nope_head_dim=self.qk_nope_head_dim,
-            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=None,
-            kv_lora_rank=self.kv_lora_rank, kv_b_proj=self.kv_b_proj, cache_config=cache_config,
-            quant_config=quant_config, prefix=f"{prefix}.attn", attn_backend=LatentMLABackend,
-            prefill_backend_cls=LatentPrefillBackend,
-        )
+        heads = self.num_heads // self.local_groups
 
-    def _init_head_norms(self, config, layout, quant_config, prefix: str) -> None:
+        def latent_attention(kv_b_proj, name):
+            return MLAAttention(
+                num_heads=heads, scale=layout.softmax_scale, qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=None,
+                kv_lora_rank=self.kv_lora_rank, kv_b_proj=kv_b_proj, cache_config=cache_config,
+                quant_config=quant_config, prefix=f"{prefix}.{name}", attn_backend=LatentMLABackend,
+                prefill_backend_cls=LatentPrefillBackend,
+            )
+
+        if self.local_groups == 1:
+            self.mla_attn = latent_attention(self.kv_b_proj, "attn")
+        else:  # one paged latent cache per group; each reads its own heads' rows of kv_b_proj
+            self.mla_attn_groups = nn.ModuleList(
+                latent_attention(GroupRows(self.kv_b_proj, i, self.local_groups), f"attn_group{i}")
+                for i in range(self.local_groups))
+
+    def _init_head_norms(self, config, layout, quant_config, prefix: str, latent_linear) -> None:
         d, keys = layout.head_dim, layout.key_norm_heads * layout.head_dim
         self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
         self.q_head_proj = HeadwiseLinear(config.num_attention_heads, d, self.qk_head_dim)
         self.k_proj = ReplicatedLinear(config.hidden_size, keys, bias=layout.kv_a_bias, quant_config=quant_config,
                                        prefix=f"{prefix}.k_proj")
         self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
-        self.kv_a_key_proj = ReplicatedLinear(keys, self.kv_lora_rank + self.qk_rope_head_dim, bias=False,
-                                              quant_config=quant_config, prefix=f"{prefix}.kv_a_key_proj")
+        self.kv_a_key_proj = latent_linear(keys, self.groups * (self.kv_lora_rank + self.qk_rope_head_dim), bias=False,
+                                           quant_config=quant_config, prefix=f"{prefix}.kv_a_key_proj")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.shape[0]
@@ -108,6 +128,15 @@ class LatentAttention(nn.Module):
             keys = self.k_norm(self.k_proj(hidden_states)[0].view(tokens * self.key_norm_heads, -1))
             latent = latent + self.kv_a_key_proj(keys.view(tokens, -1))[0]
         q = q.view(tokens, self.num_heads, self.qk_head_dim)
+        if self.local_groups == 1:
+            return self.o_proj(self._attend(self.mla_attn, positions, q, latent))[0]
+        q, latent = q.view(tokens, self.local_groups, -1, self.qk_head_dim), latent.view(tokens, self.local_groups, -1)
+        out = [self._attend(attn, positions, q[:, i], latent[:, i]) for i, attn in enumerate(self.mla_attn_groups)]
+        return self.o_proj(torch.cat(out, dim=-1))[0]
+
+    def _attend(self, attn, positions, q, latent) -> torch.Tensor:
+        """q [T, h, nope + rope] and one latent [T, R + rope] through `attn` (a vLLM MLAAttention) -> [T, h * v]."""
+        tokens, heads = q.shape[:2]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.kv_a_layernorm is not None:
@@ -117,9 +146,30 @@ class LatentAttention(nn.Module):
         else:
             q_pe, k_pe = rotate_rope_dims(self.rotary_emb, positions, q_pe, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        out = self.mla_attn(q, c_kv.contiguous(), k_pe.view(tokens, 1, self.qk_rope_head_dim),
-                            output_shape=(tokens, self.num_heads * self.v_head_dim))
-        return self.o_proj(out)[0]
+        return attn(q, c_kv.contiguous(), k_pe.reshape(tokens, 1, self.qk_rope_head_dim),
+                    output_shape=(tokens, heads * self.v_head_dim))
+
+
+class GroupRows(nn.Module):
+    """Group `index`'s rows of this rank's kv_b_proj, for that group's vLLM MLAAttention: it reads `.weight`
+    once the weights are loaded (W_UK / W_UV) and calls the module on the latent in prefill. No parameters of
+    its own: the loaded kv_b_proj holds them."""
+
+    quant_method = None  # unquantized: vLLM takes `.weight` as it is
+
+    def __init__(self, kv_b_proj: nn.Module, index: int, groups: int):
+        super().__init__()
+        self._source = [kv_b_proj]  # a list, so the module is not registered twice
+        self.index, self.groups = index, groups
+
+    @property
+    def weight(self) -> torch.Tensor:
+        weight = self._source[0].weight
+        rows = weight.shape[0] // self.groups
+        return weight[self.index * rows:(self.index + 1) * rows]
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.linear(x, self.weight), None
 
 
 class HeadwiseLinear(nn.Module):

@@ -35,18 +35,21 @@ def register_vllm() -> None:
 
 def install_parallel_check() -> None:
     """vLLM's per-architecture config hook (MODELS_CONFIG_MAP, run before vLLM's own parallel checks):
-    a tensor-parallel size that does not divide the query heads is refused in one line naming the sizes
-    that work."""
+    a tensor-parallel size that does not divide the query heads (or, with grouped latents, the groups) is
+    refused in one line naming the sizes that work."""
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
     class TransMLAParallelCheck(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            heads = vllm_config.model_config.hf_config.num_attention_heads
+            hf_config = vllm_config.model_config.hf_config
+            heads, groups = hf_config.num_attention_heads, int(getattr(hf_config, "mla_latent_groups", 1) or 1)
             tp = vllm_config.parallel_config.tensor_parallel_size
-            if heads % tp:  # TransMLAError is no ValueError, so pydantic passes it on unwrapped
-                sizes = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
-                raise TransMLAError(f"{vllm_config.model_config.model} has {heads} attention heads, which "
+            # Grouped latents are split across ranks with their heads (serving/attention.py): TP divides G.
+            count, what = (groups, "latent groups") if groups > 1 else (heads, "attention heads")
+            if count % tp:  # TransMLAError is no ValueError, so pydantic passes it on unwrapped
+                sizes = ", ".join(str(n) for n in range(1, count + 1) if count % n == 0)
+                raise TransMLAError(f"{vllm_config.model_config.model} has {count} {what}, which "
                                     f"--tensor-parallel-size {tp} does not divide: use one of {sizes}")
 
     for arch in target_architectures():
