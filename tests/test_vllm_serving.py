@@ -194,3 +194,43 @@ def test_qwen3_compressed_serves(name, qwen3_compressed, prompts):
     _assert_latent_cache(dst, bf16, dtype_bytes=2)
     tp2 = run_vllm({"model": str(dst), **_job(prompts, tp=2)}, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     assert [o["token_ids"] for o in tp2["outputs"]] == [o["token_ids"] for o in fp32["outputs"]]
+
+
+@pytest.fixture(scope="module")
+def grouped_pair(tiny_sources, tmp_path_factory):
+    """The tiny Llama (2 KV heads x 32: 128 values per token and layer) at half its cache two ways: two latent
+    groups of 16 + 16, and one latent of 48 + 16 (the same total)."""
+    from vllm_transmla.convert.pipeline import convert
+
+    root, src = tmp_path_factory.mktemp("grouped"), tiny_sources["llama-rope3"]
+    common = dict(qk_rope_dim=16, freqfold=2, calib_seq_len=64, progress=False)
+    return (convert(src, root / "grouped", latent_groups=2, kv_lora_rank=16, **common),
+            convert(src, root / "single", kv_lora_rank=48, **common))
+
+
+def _tokens_that_fit(result) -> int:
+    return result["num_gpu_blocks"] * result["block_size"]
+
+
+def test_grouped_latents_serve_and_split_across_tp_ranks(grouped_pair, prompts):
+    """A grouped checkpoint serves with transformers' greedy tokens at TP=1 (two paged latent caches per layer)
+    and TP=2 (one per rank). At TP=2 vLLM's KV cache on each rank is one group's latent, R + D = 32 values per
+    token and layer, so a rank fits twice the tokens of the single-latent checkpoint of the same total size,
+    whose 64-value latent every rank replicates; at TP=1 both fit the same."""
+    grouped, single = grouped_pair
+    reference = hf_greedy(grouped, prompts, MAX_TOKENS)
+    tp2_env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    results = {(name, tp): run_vllm({"model": str(path), **_job(prompts, tp=tp)}, env=tp2_env if tp == 2 else None)
+               for name, path in (("grouped", grouped), ("single", single)) for tp in (1, 2)}
+    for tp in (1, 2):
+        _assert_same_greedy(reference, results["grouped", tp], f"grouped TP={tp}")
+    assert results["grouped", 1]["head_size"] == results["grouped", 2]["head_size"] == 16 + 16
+    assert results["single", 2]["head_size"] == 48 + 16
+    layers, fp32 = 2, 4
+    for (name, tp), result in results.items():
+        per_rank = (16 + 16) * (2 // tp) if name == "grouped" else 48 + 16  # a rank's groups, or the whole latent
+        per_token = per_rank * fp32 * layers  # bytes of KV cache one token costs on one rank
+        assert KV_BUDGET // per_token - result["block_size"] < _tokens_that_fit(result) <= KV_BUDGET // per_token, (
+            name, tp, _tokens_that_fit(result))
+    assert _tokens_that_fit(results["grouped", 1]) == _tokens_that_fit(results["single", 1])
+    assert _tokens_that_fit(results["grouped", 2]) == 2 * _tokens_that_fit(results["single", 2])

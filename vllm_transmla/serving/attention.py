@@ -102,9 +102,13 @@ class LatentAttention(nn.Module):
         if self.local_groups == 1:
             self.mla_attn = latent_attention(self.kv_b_proj, "attn")
         else:  # one paged latent cache per group; each reads its own heads' rows of kv_b_proj
-            self.mla_attn_groups = nn.ModuleList(
-                latent_attention(GroupRows(self.kv_b_proj, i, self.local_groups), f"attn_group{i}")
-                for i in range(self.local_groups))
+            views = [GroupRows(self.kv_b_proj, i, self.local_groups) for i in range(self.local_groups)]
+            self.mla_attn_groups = nn.ModuleList(latent_attention(v, f"attn_group{i}") for i, v in enumerate(views))
+            # vLLM's MLAAttention marks the kv_b_proj it is given so that the CPU platform keeps its weight
+            # (instead of packing it for oneDNN and dropping it): here it was given the views.
+            for flag, value in vars(views[0]).items():
+                if flag.startswith("_cpu"):
+                    setattr(self.kv_b_proj, flag, value)
 
     def _init_head_norms(self, config, layout, quant_config, prefix: str, latent_linear) -> None:
         d, keys = layout.head_dim, layout.key_norm_heads * layout.head_dim
