@@ -88,6 +88,10 @@ class LatentAttention(nn.Module):
         pair_cos_sin = (select_pair_cos_sin(self.rotary_emb.cos_sin_cache, list(layout.rope_pair_freqs))
                         if layout.rope_pair_freqs is not None else None)
         self.register_buffer("pair_cos_sin", pair_cos_sin, persistent=False)
+        self._init_latent_caches(layout, cache_config, quant_config, prefix)
+
+    def _init_latent_caches(self, layout, cache_config, quant_config, prefix: str) -> None:
+        """vLLM's MLAAttention over the paged latent cache: one, or one per local latent group."""
         heads = self.num_heads // self.local_groups
 
         def latent_attention(kv_b_proj, name):
@@ -101,14 +105,15 @@ class LatentAttention(nn.Module):
 
         if self.local_groups == 1:
             self.mla_attn = latent_attention(self.kv_b_proj, "attn")
-        else:  # one paged latent cache per group; each reads its own heads' rows of kv_b_proj
-            views = [GroupRows(self.kv_b_proj, i, self.local_groups) for i in range(self.local_groups)]
-            self.mla_attn_groups = nn.ModuleList(latent_attention(v, f"attn_group{i}") for i, v in enumerate(views))
-            # vLLM's MLAAttention marks the kv_b_proj it is given so that the CPU platform keeps its weight
-            # (instead of packing it for oneDNN and dropping it): here it was given the views.
-            for flag, value in vars(views[0]).items():
-                if flag.startswith("_cpu"):
-                    setattr(self.kv_b_proj, flag, value)
+            return
+        # one paged latent cache per group; each reads its own heads' rows of kv_b_proj
+        views = [GroupRows(self.kv_b_proj, i, self.local_groups) for i in range(self.local_groups)]
+        self.mla_attn_groups = nn.ModuleList(latent_attention(v, f"attn_group{i}") for i, v in enumerate(views))
+        # vLLM's MLAAttention marks the kv_b_proj it is given so that the CPU platform keeps its weight
+        # (instead of packing it for oneDNN and dropping it): here it was given the views.
+        for flag, value in vars(views[0]).items():
+            if flag.startswith("_cpu"):
+                setattr(self.kv_b_proj, flag, value)
 
     def _init_head_norms(self, config, layout, quant_config, prefix: str, latent_linear) -> None:
         d, keys = layout.head_dim, layout.key_norm_heads * layout.head_dim
