@@ -76,7 +76,7 @@ def measured_tp2(tmp: Path) -> dict:
     source = DATA / "reference_model"
     paths = {"original": source,
              "single latent 25%": convert(source, tmp / "single25", kv_ratio=0.25, progress=False),
-             "grouped 25% (G=2)": convert(source, tmp / "grouped25", kv_ratio=0.25, latent_groups=2, freqfold=2,
+             "grouped 25% (G=2)": convert(source, tmp / "grouped25", kv_ratio=0.25, latent_groups=2,
                                           progress=False)}
     budget = 8_000_000
     out = {}
@@ -108,7 +108,9 @@ def perplexity_pairs(model: str, texts: list[str], calib, groups: int, tmp: Path
         per_group = gcfg["kv_lora_rank"] + gcfg["qk_rope_head_dim"]
         runs = {"grouped": (grouped, fraction, per_group)}
         for label, total in (("single, same total", groups * per_group), ("single, same per rank", per_group)):
-            single = convert(model, tmp / f"{tag}-s{total}", kv_ratio=total / width, calib=calib, progress=False)
+            path = tmp / f"{tag}-s{total}"  # the same single latent may serve both comparisons
+            single = path if path.exists() else convert(model, path, kv_ratio=total / width, calib=calib,
+                                                        progress=False)
             runs[label] = (single, total / width, total)
         for label, (path, frac, per_rank) in runs.items():
             mla = json.loads((path / "config.json").read_text())
