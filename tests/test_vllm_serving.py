@@ -216,12 +216,13 @@ def test_grouped_latents_serve_and_split_across_tp_ranks(grouped_pair, prompts):
     """A grouped checkpoint serves with transformers' greedy tokens at TP=1 (two paged latent caches per layer)
     and TP=2 (one per rank). At TP=2 vLLM's KV cache on each rank is one group's latent, R + D = 32 values per
     token and layer, so a rank fits twice the tokens of the single-latent checkpoint of the same total size,
-    whose 64-value latent every rank replicates; at TP=1 both fit the same."""
+    whose 64-value latent every rank replicates; at TP=1 the grouped one caches both groups (64 values)."""
     grouped, single = grouped_pair
     reference = hf_greedy(grouped, prompts, MAX_TOKENS)
     tp2_env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    runs = (("grouped", grouped, 1), ("grouped", grouped, 2), ("single", single, 2))
     results = {(name, tp): run_vllm({"model": str(path), **_job(prompts, tp=tp)}, env=tp2_env if tp == 2 else None)
-               for name, path in (("grouped", grouped), ("single", single)) for tp in (1, 2)}
+               for name, path, tp in runs}
     for tp in (1, 2):
         _assert_same_greedy(reference, results["grouped", tp], f"grouped TP={tp}")
     assert results["grouped", 1]["head_size"] == results["grouped", 2]["head_size"] == 16 + 16
@@ -232,5 +233,4 @@ def test_grouped_latents_serve_and_split_across_tp_ranks(grouped_pair, prompts):
         per_token = per_rank * fp32 * layers  # bytes of KV cache one token costs on one rank
         assert KV_BUDGET // per_token - result["block_size"] < _tokens_that_fit(result) <= KV_BUDGET // per_token, (
             name, tp, _tokens_that_fit(result))
-    assert _tokens_that_fit(results["grouped", 1]) == _tokens_that_fit(results["single", 1])
     assert _tokens_that_fit(results["grouped", 2]) == 2 * _tokens_that_fit(results["single", 2])
