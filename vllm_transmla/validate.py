@@ -62,7 +62,8 @@ def _check_config(path: Path, raw: dict) -> None:
         raise TransMLAError(f"{path}/config.json has kv_lora_rank={rank!r}: it must be a positive integer; "
                             f"reconvert the checkpoint")
     groups, heads = raw.get("mla_latent_groups", 1), raw.get("num_attention_heads")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or (isinstance(heads, int) and heads % groups):
+    bad_type = not isinstance(groups, int) or isinstance(groups, bool) or groups < 1
+    if bad_type or (isinstance(heads, int) and heads % groups):
         raise TransMLAError(f"{path}/config.json has mla_latent_groups={groups!r}: it must be a positive integer "
                             f"dividing num_attention_heads={heads}; reconvert the checkpoint")
     _check_rope_layout(path, raw, rope)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -72,8 +73,8 @@ def _write(out: str, src: str, runs: list[dict], complete: bool) -> None:
     plain = next((r["seconds"] for r in runs if r["case"] == "compressed 25%"), None)
     for r in runs:
         r["vs_plain_compressed"] = round(r["seconds"] / plain, 2) if plain else None
-    result = {"source": src.replace(str(Path.home()), "~"), "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-              "runs": runs}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    result = {"source": src.replace(str(Path.home()), "~"), "machine": machine, "runs": runs}
     if not complete:
         result["partial"] = "the run stopped before every case was measured"
     Path(out).write_text(json.dumps(result, indent=2) + "\n")

@@ -99,24 +99,17 @@ class LayerByLayer:
             return torch.cat([norm(chunk) for chunk in hidden.split(self.batch_size)])
 
     def stats(self, layer: int, input_cov: bool = False) -> LayerStats:
-        """Keys and values (pre-rope, with bias; keys and queries after their per-head norms where the family has
-        them) of `layer` over all calibration tokens, their float64 second moments, the queries' per head, and with `input_cov` the attention input's [hidden, hidden].
+        """Keys and values (pre-rope, with bias; keys and queries after their per-head norms where the family
+        has them) of `layer` over all calibration tokens, their float64 second moments, the queries' per head,
+        and with `input_cov` the attention input's [hidden, hidden].
         Streams over the hidden states a chunk of sequences at a time, so only the keys and values
         [N, n*d] are held in full."""
         fam, w, gqa = self.source.family, self.source.weights, self.source.gqa
         norm = self.module(layer).input_layernorm
         attention = self.module(layer).self_attn
-        if gqa.head_norms:  # statistics of what the latent is built from: the normalized heads (head_norm.py)
-            def key_heads(k):
-                return normalize_heads(k, attention.k_norm, gqa.head_dim)
 
-            def query_heads(q):
-                return normalize_heads(q, attention.q_norm, gqa.head_dim)
-        else:
-            def key_heads(k):
-                return k
-
-            query_heads = key_heads
+        def heads(x, norm: str):  # statistics of what the latent is built from: the normalized heads (head_norm.py)
+            return normalize_heads(x, getattr(attention, norm), gqa.head_dim) if gqa.head_norms else x
 
         def projection(role):
             base = fam.attn_name(role, layer)
@@ -137,12 +130,12 @@ class LayerByLayer:
         with torch.no_grad():
             for chunk in self.hidden.split(self.batch_size):
                 x = norm(chunk).reshape(-1, chunk.shape[-1])
-                k = key_heads(apply(x, k_proj))
+                k = heads(apply(x, k_proj), "k_norm")
                 keys[start:start + len(x)] = k
                 values[start:start + len(x)] = apply(x, v_proj)
                 start += len(x)
                 key_cov += k.double().T @ k.double()
-                q = query_heads(apply(x, q_proj)).double().view(-1, gqa.num_heads, gqa.head_dim)
+                q = heads(apply(x, q_proj), "q_norm").double().view(-1, gqa.num_heads, gqa.head_dim)
                 query_cov += torch.einsum("nhd,nhe->hde", q, q)
                 if x_cov is not None:
                     x_cov += x.double().T @ x.double()
@@ -244,9 +237,7 @@ class ReplayAttention(torch.nn.Module):
         self.latents, self.attention = list(latents), attention
 
     def forward(self, hidden_states, **_unused):
-        attn = self.attention
         z = self.latents.pop(0)
         if z.shape[:2] != hidden_states.shape[:2]:
             raise RuntimeError("replayed latents out of step with the hidden states")
-        out = torch.einsum("bthr,hdr->bthd", z, attn._up_projections()[1]).flatten(2)
-        return attn.o_proj(out), None
+        return self.attention.o_proj(self.attention.values_from_latent(z).flatten(2)), None

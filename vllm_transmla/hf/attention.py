@@ -176,7 +176,10 @@ class MLAAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
         """Absorb W_UK into the queries and W_UV into the output: one shared latent "head" per group (MQA)."""
-        out_latent = self.latent_attention(q_nope, q_pe, c_kv, k_pe, mask, **kwargs)
+        return self.values_from_latent(self.latent_attention(q_nope, q_pe, c_kv, k_pe, mask, **kwargs))
+
+    def values_from_latent(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """Each head's attention-weighted latent [B, T, H, R] through its W_UV -> [B, T, H, v] (o_proj's input)."""
         return torch.einsum("bthr,hdr->bthd", out_latent, self._up_projections()[1])
 
     def latent_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None, **kwargs) -> torch.Tensor:

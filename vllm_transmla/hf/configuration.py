@@ -107,6 +107,7 @@ def mla_layout(config, layer_idx: int | None = None) -> MLALayout:
     bias = bool(getattr(config, "attention_bias", False))
     nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
     scale = getattr(config, "softmax_scale", None)
+    key_norm_heads = getattr(config, "mla_key_norm_heads", None)
     return MLALayout(
         kv_lora_rank=layer_kv_lora_rank(config, layer_idx), qk_rope_head_dim=rope, qk_nope_head_dim=nope,
         v_head_dim=config.v_head_dim, rope_blocks=getattr(config, "qk_rope_num_blocks", 1),
@@ -116,9 +117,9 @@ def mla_layout(config, layer_idx: int | None = None) -> MLALayout:
         o_bias=config.mla_o_bias if ours else False,
         latent_layernorm=bool(getattr(config, "qk_latent_layernorm", False)),
         q_lora_rank=_q_lora_rank(config, ours),
-        key_norm_heads=getattr(config, "mla_key_norm_heads", None),
-        latent_groups=int(getattr(config, "mla_latent_groups", 1) or 1),
-        head_dim=getattr(config, "head_dim", None) if getattr(config, "mla_key_norm_heads", None) else None,
+        key_norm_heads=key_norm_heads,
+        latent_groups=latent_groups(config),
+        head_dim=getattr(config, "head_dim", None) if key_norm_heads else None,
         **_pair_freqs(config, layer_idx),
     )
 
@@ -156,9 +157,13 @@ def block_rope_parameters(config) -> dict:
 
 def mla_kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """Bytes of KV cache one token costs across all layers."""
-    layers = range(config.num_hidden_layers)
-    groups = int(getattr(config, "mla_latent_groups", 1) or 1)
-    return groups * sum(layer_kv_lora_rank(config, i) + config.qk_rope_head_dim for i in layers) * dtype_bytes
+    per_group = sum(layer_kv_lora_rank(config, i) + config.qk_rope_head_dim for i in range(config.num_hidden_layers))
+    return latent_groups(config) * per_group * dtype_bytes
+
+
+def latent_groups(config) -> int:
+    """G, the latents per token and layer (mla_latent_groups; 1 for every other dialect)."""
+    return int(getattr(config, "mla_latent_groups", 1) or 1)
 
 
 @strict

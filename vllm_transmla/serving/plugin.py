@@ -42,8 +42,10 @@ def install_parallel_check() -> None:
     class TransMLAParallelCheck(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
+            from ..hf.configuration import latent_groups
+
             hf_config = vllm_config.model_config.hf_config
-            heads, groups = hf_config.num_attention_heads, int(getattr(hf_config, "mla_latent_groups", 1) or 1)
+            heads, groups = hf_config.num_attention_heads, latent_groups(hf_config)
             tp = vllm_config.parallel_config.tensor_parallel_size
             # Grouped latents are split across ranks with their heads (serving/attention.py): TP divides G.
             count, what = (groups, "latent groups") if groups > 1 else (heads, "attention heads")
