@@ -8,9 +8,10 @@ from transformers import AutoModelForCausalLM
 import vllm_transmla  # noqa: F401  (registers our transformers classes)
 
 
-def hf_greedy(model_path, prompts: list[list[int]], max_tokens: int, dtype=torch.float32, top_k: int = 5):
+def hf_greedy(model_path, prompts: list[list[int]], max_tokens: int, dtype=torch.float32, top_k: int = 5,
+              **config_overrides):
     """Greedy continuation of each prompt (no EOS stop) with the top-k logprobs of every step."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **config_overrides).eval()
     results = []
     for prompt in prompts:
         ids = torch.tensor([prompt])

@@ -149,6 +149,11 @@ try:
     print("TP4 ACCEPTED")
 except TransMLAError as err:
     print("TP4 REFUSED:", err)
+try:
+    EngineArgs(model=model, tensor_parallel_size=2, hf_overrides={"mla_tpla_shards": 4}).create_engine_config()
+    print("TPLA ACCEPTED")
+except TransMLAError as err:
+    print("TPLA REFUSED:", err)
 cfg = EngineArgs(model=model).create_engine_config()
 print("DEFAULTS", cfg.scheduler_config.enable_chunked_prefill, cfg.cache_config.enable_prefix_caching,
       cfg.cache_config.block_size)
@@ -159,7 +164,8 @@ print("DEFAULTS", cfg.scheduler_config.enable_chunked_prefill, cfg.cache_config.
 def test_engine_config_refuses_a_tp_size_that_does_not_divide_the_heads_and_says_what_it_restored(tmp_path):
     """vLLM's own config creation (what `vllm serve` and `LLM()` run before any weights load): a 6-head
     model at --tensor-parallel-size 4 is refused by our one-line error (not vLLM's pydantic report after
-    start-up), and on CPU the plugin logs the chunked prefill, prefix caching and block size it put back."""
+    start-up), so are TPLA slices that are not one per rank, and on CPU the plugin logs the chunked prefill,
+    prefix caching and block size it put back."""
     from vllm_transmla.cli import main as cli_main
     from vllm_transmla.testing.tiny import build_tiny_model
 
@@ -170,6 +176,8 @@ def test_engine_config_refuses_a_tp_size_that_does_not_divide_the_heads_and_says
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("TP4 REFUSED: " + str(tmp_path / "mla") + " has 6 attention heads, which --tensor-parallel-size 4 "
             "does not divide: use one of 1, 2, 3, 6") in proc.stdout
+    assert ("TPLA REFUSED: mla_tpla_shards=4 must equal --tensor-parallel-size 2: each rank caches one slice of "
+            "the latent; set both to the same number") in proc.stdout
     assert "DEFAULTS True True 128" in proc.stdout
     assert ("vllm-transmla: our MLA backend serves LlamaMLAForCausalLM on CPU with chunked prefill on, prefix "
             "caching on and 128-token blocks") in proc.stdout + proc.stderr

@@ -234,3 +234,20 @@ def test_grouped_latents_serve_and_split_across_tp_ranks(grouped_pair, prompts):
         assert KV_BUDGET // per_token - result["block_size"] < _tokens_that_fit(result) <= KV_BUDGET // per_token, (
             name, tp, _tokens_that_fit(result))
     assert _tokens_that_fit(results["grouped", 2]) == 2 * _tokens_that_fit(results["single", 2])
+
+
+def test_tpla_slices_the_latent_across_tp_ranks(grouped_pair, prompts):
+    """TPLA (`hf_overrides={"mla_tpla_shards": 2}` at TP=2) on the single-latent 48 + 16 checkpoint: vLLM's greedy
+    tokens and logprobs are transformers' TPLA (the same slice-wise attention on one device, fp32), not MLA's,
+    and each rank's paged cache holds its 24-dim slice plus the rope key: 40 values per token and layer, so a
+    rank fits 64 / 40 = 1.6x the tokens of the replicated latent (the grouped test's TP=2 run of it)."""
+    _, single = grouped_pair
+    reference = hf_greedy(single, prompts, MAX_TOKENS, mla_tpla_shards=2)
+    mla = hf_greedy(single, prompts, MAX_TOKENS)
+    assert any(a["token_ids"] != b["token_ids"] for a, b in zip(reference, mla))  # TPLA is not MLA here
+    result = run_vllm({"model": str(single), **_job(prompts, tp=2, hf_overrides={"mla_tpla_shards": 2})},
+                      env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    _assert_same_greedy(reference, result, "TPLA TP=2")
+    per_token = (48 // 2 + 16) * 4 * 2  # bytes one token costs on one rank: fp32, 2 layers
+    # vLLM sizes its blocks from the layers' own cache specs (the config's head size stays the checkpoint's)
+    assert KV_BUDGET // per_token - result["block_size"] < _tokens_that_fit(result) <= KV_BUDGET // per_token

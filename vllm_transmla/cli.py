@@ -18,7 +18,8 @@ def _cmd_convert(args) -> int:
                   progress=not args.quiet, kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim,
                   kv_ratio=args.kv_ratio, freqfold=args.freqfold, calib=args.calib,
                   calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens,
-                  rank_allocation=args.rank_allocation, q_lora_rank=args.q_lora_rank, latent_groups=args.latent_groups)
+                  rank_allocation=args.rank_allocation, q_lora_rank=args.q_lora_rank, latent_groups=args.latent_groups,
+                  tpla_ready=args.tpla_ready)
     print(conversion_summary(dst))
     return 0
 
@@ -125,6 +126,10 @@ def _add_convert(sub) -> None:
                    help="G latents, one per group of query heads and the KV heads they read (G divides the KV "
                         "heads; ranks and --kv-ratio are per group); with tensor parallelism TP = G each GPU caches "
                         "one group's latent instead of a replicated one (default 1)")
+    p.add_argument("--tpla-ready", nargs="?", const="hadamard", default=None, choices=["hadamard"],
+                   help="rotate each latent (a Hadamard matrix) so that TPLA's slices (serving with "
+                        "mla_tpla_shards = TP) carry equal shares; any single-latent checkpoint serves with TPLA, "
+                        "this only changes which directions each rank caches (see the README for what it measured)")
     p.add_argument("--calib", nargs="+", help="calibration text or jsonl files (default: shipped text)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens used at most")

@@ -15,13 +15,14 @@ from ..text_files import iter_documents
 from .compress import LayerStats
 from .head_norm import normalize_heads
 from .plan import Calibration
-from .refit import refit_moments
+from .refit import output_moments, refit_moments
 from .source import Source
 
 # Proverbs and Mark (King James Version, public domain): never part of the held-out evaluation text.
 DEFAULT_CALIBRATION = "kjv_calibration.txt"
-# Latents kept between the value refit and the next pass (ReplayAttention) up to this size; above it the
-# next pass computes them again. SmolLM2 at 25% with 32,768 tokens keeps 75 MB and converts ~20% faster.
+# Latents (and the source's head outputs) kept between the value refit, the output refit and the next pass
+# (ReplayAttention) up to this size; above it those passes compute them again. SmolLM2 at 25% with 32,768
+# tokens keeps 150 MB and converts ~20% faster.
 REPLAY_BYTES = 2 * 1024**3
 
 
@@ -142,39 +143,61 @@ class LayerByLayer:
         return LayerStats(key_cov=key_cov, keys=keys, values=values, query_cov=query_cov, input_cov=x_cov)
 
     def value_refit_moments(self, layer: int, attention, cos_sin,
-                            keep_latents: bool = False) -> tuple[torch.Tensor, torch.Tensor, list | None]:
+                            keep: bool = False) -> tuple[torch.Tensor, torch.Tensor, list | None]:
         """For refit.py: per head, sum z z^T [H, R, R] and sum o z^T [H, d, R] over the calibration tokens,
         z the converted `attention`'s (an hf MLAAttention) attention-weighted latent and o the source
         attention's output (its o_proj input) on the same inputs; cos_sin: `attention`'s rope tables.
-        With `keep_latents`, also z per chunk of sequences (for `ReplayAttention`: z does not depend on the
-        value rows the refit changes, so the next pass need not compute it again) when they fit in
-        REPLAY_BYTES; else None."""
+        With `keep`, also the (z, o) of every chunk of sequences when they fit in REPLAY_BYTES (else None):
+        z does not depend on the value rows the refit changes, so the output refit and the next pass
+        (`ReplayAttention`) need not compute it again."""
         gqa = self.source.gqa
-        source_attention = self.module(layer).self_attn
-        captured = []
-        hook = source_attention.o_proj.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
         rank = attention.kv_lora_rank
         zz = torch.zeros(gqa.num_heads, rank, rank, dtype=torch.float64)
         oz = torch.zeros(gqa.num_heads, gqa.head_dim, rank, dtype=torch.float64)
         tokens = self.hidden.shape[0] * self.hidden.shape[1]
-        latents = [] if keep_latents and tokens * gqa.num_heads * rank * 4 <= REPLAY_BYTES else None
+        fits = tokens * gqa.num_heads * (rank + gqa.head_dim) * 4 <= REPLAY_BYTES
+        kept = [] if keep and fits else None
+        for z, o in self._latents_and_source_outputs(layer, attention, cos_sin):
+            chunk_zz, chunk_oz = refit_moments(z, o)
+            zz += chunk_zz
+            oz += chunk_oz
+            if kept is not None:
+                kept.append((z, o))
+        return zz, oz, kept
+
+    def output_refit_moments(self, layer: int, attention, cos_sin, kept: list | None) -> tuple[torch.Tensor, ...]:
+        """For refit.py's output refit: sum v v^T and sum o v^T [H d, H d] over the calibration tokens, v the
+        converted `attention`'s per-head outputs (its value rows as they are now) and o the source's; from
+        `kept` (value_refit_moments'), or computed again when it is None."""
+        pairs = kept if kept is not None else self._latents_and_source_outputs(layer, attention, cos_sin)
+        n = self.source.gqa.num_heads * self.source.gqa.head_dim
+        vv = torch.zeros(n, n, dtype=torch.float64)
+        ov = torch.zeros(n, n, dtype=torch.float64)
+        with torch.no_grad():
+            for z, o in pairs:
+                chunk_vv, chunk_ov = output_moments(attention.values_from_latent(z), o)
+                vv += chunk_vv
+                ov += chunk_ov
+        return vv, ov
+
+    def _latents_and_source_outputs(self, layer: int, attention, cos_sin):
+        """Per chunk of sequences: z [B, T, H, R] (`attention`'s attention-weighted latent) and o [B, T, H, d]
+        (the source attention's per-head output, its o_proj input) on the same inputs."""
+        gqa = self.source.gqa
+        source_attention = self.module(layer).self_attn
+        captured = []
+        hook = source_attention.o_proj.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
         try:
             with torch.no_grad():
                 for chunk in self.hidden.split(self.batch_size):
                     x = self.module(layer).input_layernorm(chunk)
                     captured.clear()
                     source_attention(x, position_embeddings=self.position_embeddings(x.shape[0]), attention_mask=None)
-                    o = captured[0].view(*x.shape[:2], gqa.num_heads, gqa.head_dim).double()
+                    o = captured[0].view(*x.shape[:2], gqa.num_heads, gqa.head_dim)
                     tables = tuple(t[:1].expand(x.shape[0], -1, -1) for t in cos_sin)
-                    z = attention.latent_attention(*attention.project(x, tables))  # [B, T, H, R]
-                    chunk_zz, chunk_oz = refit_moments(z, o)
-                    zz += chunk_zz
-                    oz += chunk_oz
-                    if latents is not None:
-                        latents.append(z)
+                    yield attention.latent_attention(*attention.project(x, tables)), o
         finally:
             hook.remove()
-        return zz, oz, latents
 
     def position_embeddings(self, batch: int):
         return tuple(t.expand(batch, -1, -1) for t in self.cos_sin)

@@ -1,7 +1,8 @@
 """Layer converters: each turns one source decoder layer's attention weights into its MLA tensors.
 
 `convert(layer)` returns the layer's tensors under their names inside `self_attn.` (q_proj,
-kv_a_proj_with_mqa, kv_b_proj; o_proj is the source's and is added by the caller) and `pair_freqs`
+kv_a_proj_with_mqa, kv_b_proj; the compressed converter's refit o_proj, else the caller adds the source's
+o_proj) and `pair_freqs`
 lists, per converted layer, the rope frequencies the selected-frequency layout chose (None otherwise).
 Layers are converted in order: the compressed converter streams calibration through them.
 """
@@ -15,7 +16,7 @@ from .geometry import GQAShape
 from .groups import group_shape, group_stats, group_weights, merge_groups
 from .head_norm import head_norm_tensors, linear_view
 from .plan import ConversionPlan
-from .refit import refit_value_projection
+from .refit import refit_output_projection, refit_value_projection
 from .source import AttentionWeights, Source
 
 
@@ -82,15 +83,19 @@ class CompressedLayers:
         self.pair_freqs.append(pair_freqs)
         del stats
         converted = self._converted_attention(layer, tensors, w, pair_freqs)
-        *moments, latents = self.runner.value_refit_moments(layer, converted.attention, converted.cos_sin,
-                                                            keep_latents=True)
+        attention, cos_sin = converted.attention, converted.cos_sin
+        *moments, kept = self.runner.value_refit_moments(layer, attention, cos_sin, keep=True)
         tensors["kv_b_proj.weight"] = refit_value_projection(tensors["kv_b_proj.weight"], moments, gqa.num_heads,
                                                              gqa.head_dim)
-        converted.attention.kv_b_proj.weight.data = tensors["kv_b_proj.weight"].float()
-        if latents is not None:
+        attention.kv_b_proj.weight.data = tensors["kv_b_proj.weight"].float()
+        # then o_proj over all heads, on the refit values (refit.py)
+        moments = self.runner.output_refit_moments(layer, attention, cos_sin, kept)
+        tensors["o_proj.weight"] = refit_output_projection(w.o, moments)
+        attention.o_proj.weight.data = tensors["o_proj.weight"].float()
+        if kept is not None:
             from .calibration import ReplayAttention
 
-            converted = ReplayAttention(latents, converted.attention)
+            converted = ReplayAttention([z for z, _ in kept], attention)
         self.runner.advance(layer, converted)
         return tensors
 

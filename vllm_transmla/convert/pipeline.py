@@ -19,6 +19,7 @@ from ..hf.remote_code import auto_map, write_remote_code
 from .memory import large_blocks_returned
 from .plan import ConversionPlan, ConvertOptions, plan_conversion
 from .source import Source, open_source
+from .tpla import rotate_latent
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -116,7 +117,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions | None = N
             print(f"transmla: the source uses a sliding window of {window} tokens; the MLA model attends to the "
                   f"whole context, which is the same function for sequences up to {window} tokens", file=sys.stderr)
         with atomic_directory(dst, overwrite) as tmp:
-            dtype = _write_tensors(source, layers, ShardWriter(tmp, shard_bytes), progress)
+            dtype = _write_tensors(source, layers, ShardWriter(tmp, shard_bytes), progress, plan.tpla_transform)
             if any(f is not None for f in layers.pair_freqs):
                 config.qk_rope_pair_freqs = layers.pair_freqs
             config.dtype = dtype
@@ -144,9 +145,11 @@ def _layer_converter(source: Source, plan: ConversionPlan, progress: bool):
     return CompressedLayers(source, plan, tokens), plan
 
 
-def _write_tensors(source: Source, layers, writer: ShardWriter, progress: bool) -> torch.dtype:
-    """Every tensor of the converted checkpoint: attention rebuilt by `layers`, the rest copied verbatim,
-    layer by layer. Returns the dtype of the attention tensors written."""
+def _write_tensors(source: Source, layers, writer: ShardWriter, progress: bool, tpla_transform: str | None = None
+                   ) -> torch.dtype:
+    """Every tensor of the converted checkpoint: attention rebuilt by `layers` (its latent rotated by
+    `tpla_transform` when given, tpla.py), the rest copied verbatim, layer by layer. Returns the dtype of
+    the attention tensors written."""
     by_layer: dict[int | None, list[str]] = {}
     for name in source.tensor_names():
         by_layer.setdefault(_layer_of(name), []).append(name)
@@ -156,9 +159,12 @@ def _write_tensors(source: Source, layers, writer: ShardWriter, progress: bool) 
     dtype = None
     for layer in tqdm(range(source.num_layers), desc="converting layers", unit="layer", disable=not progress):
         prefix = f"model.layers.{layer}.self_attn."
-        tensors = {prefix + k: v for k, v in layers.convert(layer).items()}
+        attention = layers.convert(layer)
+        if tpla_transform:
+            attention = rotate_latent(attention, tpla_transform)
+        tensors = {prefix + k: v for k, v in attention.items()}
         weights = source.attention_weights(layer)
-        tensors[prefix + "o_proj.weight"] = weights.o
+        tensors.setdefault(prefix + "o_proj.weight", weights.o)  # the source's, unless the converter refit it
         if weights.o_bias is not None:
             tensors[prefix + "o_proj.bias"] = weights.o_bias
         dtype = tensors[prefix + "kv_b_proj.weight"].dtype

@@ -37,6 +37,7 @@ class ConvertOptions:
     calib_seq_len: int = 256
     calib_tokens: int = 32768
     latent_groups: int = 1  # G latents, one per group of query heads and the KV heads they read (groups.py)
+    tpla_ready: str | None = None  # rotate each latent for TPLA's slices (tpla.py): the transform's name
 
     @property
     def compressing(self) -> bool:
@@ -69,6 +70,7 @@ class ConversionPlan:
     notes: tuple[str, ...] = ()
     survey_results: dict = field(default_factory=dict)  # what the survey measured, for the provenance
     latent_groups: int = 1  # ranks, rope width and layout are per group (groups.py)
+    tpla_transform: str | None = None  # the latent's rotation for TPLA (tpla.py), or None
 
     @property
     def group_gqa(self) -> GQAShape:
@@ -104,6 +106,8 @@ class ConversionPlan:
     def settings(self) -> dict:
         """The provenance recorded in config.json's `transmla` entry."""
         groups = {"latent_groups": self.latent_groups} if self.latent_groups > 1 else {}
+        if self.tpla_transform:
+            groups["tpla_transform"] = self.tpla_transform
         if not self.compressed:
             return {"mode": self.mode, **groups}
         cal = self.calibration
@@ -128,6 +132,7 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
     latent groups, the ranks, rope width and layout are those of each group's latent."""
     mode = options.mode or ("compressed" if options.compressing else "exact")
     groups = _check_groups(options)
+    tpla = _check_tpla(options, groups)
     whole, gqa = gqa, group_shape(gqa, groups)
     if mode not in ("exact", "compressed"):
         raise TransMLAError(f"unknown mode {mode!r}: use --mode exact or --mode compressed")
@@ -138,7 +143,8 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
         if options.compressing:
             raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation/--q-lora-rank "
                                 "need --mode compressed (exact mode keeps the full K and V)")
-        return ConversionPlan(mode=mode, gqa=whole, num_layers=num_layers, latent_groups=groups)
+        return ConversionPlan(mode=mode, gqa=whole, num_layers=num_layers, latent_groups=groups,
+                              tpla_transform=tpla)
     calibration = _check_calibration(options)
     notes = []
     width = 2 * gqa.kv_width  # cached values per token and layer in the source (in one group's KV heads)
@@ -173,7 +179,7 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
                  f"and layer{per} ({(rank + rope) / width:.1%})")
     return ConversionPlan(mode=mode, gqa=whole, num_layers=num_layers, rank=rank, rope_dim=rope, freqfold=freqfold,
                           rank_allocation=options.rank_allocation or "uniform", q_lora_rank=options.q_lora_rank,
-                          calibration=calibration, notes=tuple(notes), latent_groups=groups)
+                          calibration=calibration, notes=tuple(notes), latent_groups=groups, tpla_transform=tpla)
 
 
 def _check_groups(options: ConvertOptions) -> int:
@@ -181,6 +187,20 @@ def _check_groups(options: ConvertOptions) -> int:
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise TransMLAError(f"--latent-groups {groups!r} must be a positive whole number (1: one latent)")
     return groups
+
+
+def _check_tpla(options: ConvertOptions, groups: int) -> str | None:
+    from .tpla import TRANSFORMS
+
+    if options.tpla_ready is None:
+        return None
+    if options.tpla_ready not in TRANSFORMS:
+        raise TransMLAError(f"--tpla-ready {options.tpla_ready!r} is not a known transform: use one of "
+                            f"{', '.join(TRANSFORMS)}")
+    if groups > 1:
+        raise TransMLAError("--tpla-ready is for one latent sliced across ranks; grouped latents (--latent-groups) "
+                            "are already split by their heads: pass one of the two")
+    return options.tpla_ready
 
 
 def _check_grouped_options(freqfold, options: ConvertOptions) -> None:

@@ -118,7 +118,10 @@ class MLAAttention(nn.Module):
                 **kwargs):
         b, t, _ = hidden_states.shape
         q_nope, q_pe, c_kv, k_pe = self.project(hidden_states, position_embeddings, past_key_values)
-        attend = self._absorbed if self.absorb else self._naive
+        if self.layout.tpla_shards > 1:
+            attend = self._tpla
+        else:
+            attend = self._absorbed if self.absorb else self._naive
         out = attend(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)  # [B, T, H, v]
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim)), None
 
@@ -177,6 +180,27 @@ class MLAAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
         """Absorb W_UK into the queries and W_UV into the output: one shared latent "head" per group (MQA)."""
         return self.values_from_latent(self.latent_attention(q_nope, q_pe, c_kv, k_pe, mask, **kwargs))
+
+    def _tpla(self, q_nope, q_pe, c_kv, k_pe, mask, **kwargs):
+        """TPLA (convert/tpla.py): each of n contiguous slices of the latent is attended on its own, as one
+        tensor-parallel rank does with the slice it caches, and the slices' outputs add up. A slice's score is
+        its part of the latent score plus the whole rope score (the rope key is in every slice). One slice is
+        exactly MLA."""
+        shards = self.layout.tpla_shards
+        return sum(self.tpla_slice(q_nope, q_pe, c_kv, k_pe, s, shards, mask, **kwargs) for s in range(shards))
+
+    def tpla_slice(self, q_nope, q_pe, c_kv, k_pe, index: int, shards: int, mask=None, **kwargs) -> torch.Tensor:
+        """Slice `index` of `shards`: q_nope [B, H, T, nope], q_pe [B, H, T, rope], c_kv [B, 1, S, R],
+        k_pe [B, 1, S, rope] -> its part of the values [B, T, H, v]."""
+        w_uk, w_uv = self._up_projections()
+        width = self.kv_lora_rank // shards
+        part = slice(index * width, (index + 1) * width)
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk[..., part])
+        c_part = c_kv[..., part]
+        q = torch.cat([q_latent, q_pe], dim=-1)
+        k = torch.cat([c_part, k_pe], dim=-1)
+        out = self._attention(q, k, c_part, mask, kv_groups=self.num_heads, **kwargs)  # [B, T, H, R / n]
+        return torch.einsum("bthr,hdr->bthd", out, w_uv[..., part])
 
     def values_from_latent(self, out_latent: torch.Tensor) -> torch.Tensor:
         """Each head's attention-weighted latent [B, T, H, R] through its W_UV -> [B, T, H, v] (o_proj's input)."""

@@ -55,6 +55,10 @@ class MLAFields:
     # Grouped latents (convert/groups.py): G latents per token and layer, kv_lora_rank + qk_rope_head_dim each;
     # query head h reads latent h // (num_attention_heads / G). kv_a_proj_with_mqa's rows are group-major.
     mla_latent_groups: int = 1
+    # TPLA decode (convert/tpla.py): attention runs over this many slices of the latent, each with its own
+    # softmax, and their outputs add up; in vLLM it must equal tensor_parallel_size (a rank caches one slice).
+    # 1: ordinary MLA. Set at load time (vLLM `hf_overrides`), on checkpoints converted with --tpla-ready.
+    mla_tpla_shards: int = 1
     # Provenance: source family/architecture, conversion mode and settings.
     transmla: dict | None = None
 
@@ -79,6 +83,7 @@ class MLALayout:
     q_lora_rank: int | None
     key_norm_heads: int | None = None  # per-head q/k norms: the source's KV heads (see mla_key_norm_heads)
     latent_groups: int = 1  # latents per token (see mla_latent_groups)
+    tpla_shards: int = 1  # latent slices attended separately (see mla_tpla_shards)
     head_dim: int | None = None  # the source head_dim, with per-head norms (their width)
     rope_pair_freqs: tuple[int, ...] | None = None  # this layer's, in the selected-frequency layout
     source_rotary_dim: int | None = None  # the source head_dim, in the selected-frequency layout
@@ -119,6 +124,7 @@ def mla_layout(config, layer_idx: int | None = None) -> MLALayout:
         q_lora_rank=_q_lora_rank(config, ours),
         key_norm_heads=key_norm_heads,
         latent_groups=latent_groups(config),
+        tpla_shards=tpla_shards(config, layer_idx),
         head_dim=getattr(config, "head_dim", None) if key_norm_heads else None,
         **_pair_freqs(config, layer_idx),
     )
@@ -164,6 +170,21 @@ def mla_kv_bytes_per_token(config, dtype_bytes: int) -> int:
 def latent_groups(config) -> int:
     """G, the latents per token and layer (mla_latent_groups; 1 for every other dialect)."""
     return int(getattr(config, "mla_latent_groups", 1) or 1)
+
+
+def tpla_shards(config, layer_idx: int | None = None) -> int:
+    """The latent slices TPLA attends separately (mla_tpla_shards; 1: ordinary MLA), checked against the shape."""
+    shards = int(getattr(config, "mla_tpla_shards", 1) or 1)
+    if shards == 1:
+        return 1
+    if shards < 1 or latent_groups(config) > 1:
+        raise ValueError(f"mla_tpla_shards={shards} needs a single latent (mla_latent_groups=1) and a positive "
+                         f"count: drop the override or use the grouped checkpoint as it is")
+    rank = layer_kv_lora_rank(config, layer_idx)
+    if rank % shards:
+        raise ValueError(f"mla_tpla_shards={shards} does not divide kv_lora_rank={rank}: choose a shard count "
+                         f"(tensor_parallel_size) that divides every layer's latent rank")
+    return shards
 
 
 @strict

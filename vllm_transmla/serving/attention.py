@@ -11,6 +11,13 @@ latent projection and cache are replicated, as vLLM does for DeepSeek. With G la
 and only their latents (kv_a_proj_with_mqa is split by rows, group-major), one vLLM MLAAttention - one paged
 cache of R + D per token - per group.
 
+TPLA (`mla_tpla_shards` = TP, an opt-in set with vLLM's `hf_overrides`; convert/tpla.py): one latent, sliced.
+Every rank holds every query head (q_proj, o_proj and the latent projection replicated), computes the whole
+latent, caches only its slice of R / TP dims and the rope key, attends over that with its own softmax, and the
+ranks' outputs are summed (an all-reduce) before o_proj. An approximation of MLA (exact at TP = 1), the same
+one hf/attention.py's `MLAAttention._tpla` computes on one device. Prefill is sliced the same way (the
+TPLA paper keeps prefill full MLA, which needs every rank's slices of the cached context).
+
 Per-head q/k norms (Qwen3, `mla_key_norm_heads`): q_proj is the source's (head_dim per head), then q_norm and
 each head's q_head_proj (split with the heads); the latent adds kv_a_key_proj of k_norm(k_proj(x)), replicated
 like kv_a_proj_with_mqa (see hf/configuration.py).
@@ -20,7 +27,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.layers.attention.mla_attention import MLAAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -38,12 +49,18 @@ class LatentAttention(nn.Module):
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "", **_unused):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        if config.num_attention_heads % tp:
+        layout = mla_layout(config, extract_layer_index(prefix))
+        self.tpla = layout.tpla_shards > 1
+        if self.tpla and layout.tpla_shards != tp:
+            raise ValueError(f"mla_tpla_shards={layout.tpla_shards} must equal tensor_parallel_size={tp}: each rank "
+                             f"caches one slice of the latent; set both to the same number")
+        if config.num_attention_heads % tp and not self.tpla:
             raise ValueError(f"num_attention_heads={config.num_attention_heads} is not divisible by "
                              f"tensor_parallel_size={tp}: choose a tensor_parallel_size that divides it")
-        layout = mla_layout(config, extract_layer_index(prefix))
-        self.num_heads = config.num_attention_heads // tp
+        self.num_heads = config.num_attention_heads // (1 if self.tpla else tp)
         self.kv_lora_rank = layout.kv_lora_rank
+        # what one rank caches of c_kv: all of it, or (TPLA) its slice
+        self.cached_rank = layout.kv_lora_rank // tp if self.tpla else layout.kv_lora_rank
         self.qk_nope_head_dim = layout.qk_nope_head_dim
         self.qk_rope_head_dim = layout.qk_rope_head_dim
         self.v_head_dim = layout.v_head_dim
@@ -53,14 +70,15 @@ class LatentAttention(nn.Module):
         self.q_lora_rank = layout.q_lora_rank
         self.key_norm_heads = layout.key_norm_heads
         q_width = heads * (layout.head_dim if self.key_norm_heads else self.qk_head_dim)
+        head_linear = ReplicatedLinear if self.tpla else ColumnParallelLinear  # TPLA: every head on every rank
         if self.q_lora_rank:  # low-rank queries, no norm between (see hf/attention.py)
             self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=False, quant_config=quant_config,
                                              prefix=f"{prefix}.q_a_proj")
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, q_width, bias=layout.q_bias,
-                                                 quant_config=quant_config, prefix=f"{prefix}.q_b_proj")
+            self.q_b_proj = head_linear(self.q_lora_rank, q_width, bias=layout.q_bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.q_b_proj")
         else:
-            self.q_proj = ColumnParallelLinear(hidden, q_width, bias=layout.q_bias, quant_config=quant_config,
-                                               prefix=f"{prefix}.q_proj")
+            self.q_proj = head_linear(hidden, q_width, bias=layout.q_bias, quant_config=quant_config,
+                                      prefix=f"{prefix}.q_proj")
         self.groups = layout.latent_groups
         if self.groups > 1 and self.groups % tp:
             raise ValueError(f"mla_latent_groups={self.groups} is not divisible by tensor_parallel_size={tp}: choose "
@@ -73,10 +91,16 @@ class LatentAttention(nn.Module):
                                                 prefix=f"{prefix}.kv_a_proj_with_mqa")
         if self.key_norm_heads:
             self._init_head_norms(config, layout, quant_config, prefix, latent_linear)
-        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim),
-                                              bias=False, quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
-        self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
-                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        kv_b_rows = heads * (self.qk_nope_head_dim + self.v_head_dim)
+        if self.tpla:  # this rank's slice of the latent's columns; o_proj after the all-reduce of the slices
+            self.kv_b_proj = LatentSliceLinear(self.kv_lora_rank, kv_b_rows, tp)
+            self.o_proj = ReplicatedLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
+                                           quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        else:
+            self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, kv_b_rows, bias=False,
+                                                  quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
+            self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
+                                            quant_config=quant_config, prefix=f"{prefix}.o_proj")
         # Optional RMSNorm of c_kv before caching (public converter's qk_latent_layernorm / DeepSeek).
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps) if layout.latent_layernorm else None
         self.rotary_emb = get_rope(layout.rope_block_dim, max_position=config.max_position_embeddings,
@@ -98,7 +122,7 @@ class LatentAttention(nn.Module):
             return MLAAttention(
                 num_heads=heads, scale=layout.softmax_scale, qk_nope_head_dim=self.qk_nope_head_dim,
                 qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=None,
-                kv_lora_rank=self.kv_lora_rank, kv_b_proj=kv_b_proj, cache_config=cache_config,
+                kv_lora_rank=self.cached_rank, kv_b_proj=kv_b_proj, cache_config=cache_config,
                 quant_config=quant_config, prefix=f"{prefix}.{name}", attn_backend=LatentMLABackend,
                 prefill_backend_cls=LatentPrefillBackend,
             )
@@ -118,7 +142,7 @@ class LatentAttention(nn.Module):
     def _init_head_norms(self, config, layout, quant_config, prefix: str, latent_linear) -> None:
         d, keys = layout.head_dim, layout.key_norm_heads * layout.head_dim
         self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
-        self.q_head_proj = HeadwiseLinear(config.num_attention_heads, d, self.qk_head_dim)
+        self.q_head_proj = HeadwiseLinear(config.num_attention_heads, d, self.qk_head_dim, split=not self.tpla)
         self.k_proj = ReplicatedLinear(config.hidden_size, keys, bias=layout.kv_a_bias, quant_config=quant_config,
                                        prefix=f"{prefix}.k_proj")
         self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
@@ -137,6 +161,8 @@ class LatentAttention(nn.Module):
             keys = self.k_norm(self.k_proj(hidden_states)[0].view(tokens * self.key_norm_heads, -1))
             latent = latent + self.kv_a_key_proj(keys.view(tokens, -1))[0]
         q = q.view(tokens, self.num_heads, self.qk_head_dim)
+        if self.tpla:  # this rank's slice of every head's output; their sum is MLA's output, approximately
+            return self.o_proj(tensor_model_parallel_all_reduce(self._attend(self.mla_attn, positions, q, latent)))[0]
         if self.local_groups == 1:
             return self.o_proj(self._attend(self.mla_attn, positions, q, latent))[0]
         q, latent = q.view(tokens, self.local_groups, -1, self.qk_head_dim), latent.view(tokens, self.local_groups, -1)
@@ -150,6 +176,9 @@ class LatentAttention(nn.Module):
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.kv_a_layernorm is not None:
             c_kv = self.kv_a_layernorm(c_kv)
+        if self.tpla:
+            rank = get_tensor_model_parallel_rank()
+            c_kv = c_kv[:, rank * self.cached_rank:(rank + 1) * self.cached_rank]
         if self.pair_cos_sin is not None:
             q_pe, k_pe = rotate_selected_pairs(self.pair_cos_sin, positions, q_pe, k_pe)
         else:
@@ -181,20 +210,41 @@ class GroupRows(nn.Module):
         return torch.nn.functional.linear(x, self.weight), None
 
 
+class LatentSliceLinear(nn.Module):
+    """TPLA's kv_b_proj on one rank: the checkpoint's [H (nope + v), R] narrowed to this rank's R / tp columns,
+    c_kv slice [T, R / tp] -> [T, H (nope + v)]. vLLM's MLAAttention reads `.weight` (W_UK / W_UV of the slice)
+    and calls the module in prefill."""
+
+    quant_method = None  # unquantized: vLLM takes `.weight` as it is
+
+    def __init__(self, rank: int, rows: int, tp: int):
+        super().__init__()
+        self.columns = rank // tp
+        self.weight = nn.Parameter(torch.empty(rows, self.columns), requires_grad=False)
+        set_weight_attrs(self.weight, {"weight_loader": self._load})
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        param.data.copy_(loaded.narrow(1, get_tensor_model_parallel_rank() * self.columns, self.columns))
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.linear(x, self.weight), None
+
+
 class HeadwiseLinear(nn.Module):
     """One linear map per query head, x [T, H / tp, d_in] -> [T, H / tp, d_out]; the checkpoint's weight
-    [H * d_out, d_in] (head-major) is split by heads across TP ranks, as q_proj is."""
+    [H * d_out, d_in] (head-major) is split by heads across TP ranks, as q_proj is (all of it on every rank
+    unless `split`)."""
 
-    def __init__(self, num_heads: int, in_features: int, out_features: int):
+    def __init__(self, num_heads: int, in_features: int, out_features: int, split: bool = True):
         super().__init__()
-        tp = get_tensor_model_parallel_world_size()
-        self.local_heads, self.out_features = num_heads // tp, out_features
+        tp = get_tensor_model_parallel_world_size() if split else 1
+        self.split, self.local_heads, self.out_features = split, num_heads // tp, out_features
         self.weight = nn.Parameter(torch.empty(self.local_heads * out_features, in_features), requires_grad=False)
         set_weight_attrs(self.weight, {"weight_loader": self._load})
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         rows = self.local_heads * self.out_features
-        param.data.copy_(loaded.narrow(0, get_tensor_model_parallel_rank() * rows, rows))
+        param.data.copy_(loaded.narrow(0, get_tensor_model_parallel_rank() * rows if self.split else 0, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("thi,hoi->tho", x, self.weight.view(self.local_heads, self.out_features, -1))

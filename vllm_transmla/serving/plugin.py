@@ -36,7 +36,7 @@ def register_vllm() -> None:
 def install_parallel_check() -> None:
     """vLLM's per-architecture config hook (MODELS_CONFIG_MAP, run before vLLM's own parallel checks):
     a tensor-parallel size that does not divide the query heads (or, with grouped latents, the groups) is
-    refused in one line naming the sizes that work."""
+    refused in one line naming the sizes that work; TPLA (`mla_tpla_shards`) needs the shards to equal TP."""
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
     class TransMLAParallelCheck(VerifyAndUpdateConfig):
@@ -47,6 +47,12 @@ def install_parallel_check() -> None:
             hf_config = vllm_config.model_config.hf_config
             heads, groups = hf_config.num_attention_heads, latent_groups(hf_config)
             tp = vllm_config.parallel_config.tensor_parallel_size
+            shards = int(getattr(hf_config, "mla_tpla_shards", 1) or 1)
+            if shards > 1:  # TPLA: every rank holds every head and one latent slice (serving/attention.py)
+                if shards != tp:
+                    raise TransMLAError(f"mla_tpla_shards={shards} must equal --tensor-parallel-size {tp}: each rank "
+                                        f"caches one slice of the latent; set both to the same number")
+                return
             # Grouped latents are split across ranks with their heads (serving/attention.py): TP divides G.
             count, what = (groups, "latent groups") if groups > 1 else (heads, "attention heads")
             if count % tp:  # TransMLAError is no ValueError, so pydantic passes it on unwrapped

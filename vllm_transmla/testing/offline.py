@@ -29,7 +29,8 @@ def run(job: dict) -> dict:
                        disable_log_stats=False)
     if job.get("kv_cache_memory_bytes"):
         engine_args["kv_cache_memory_bytes"] = job["kv_cache_memory_bytes"]
-    for key in ("enable_chunked_prefill", "enable_prefix_caching", "max_num_batched_tokens", "block_size"):
+    for key in ("enable_chunked_prefill", "enable_prefix_caching", "max_num_batched_tokens", "block_size",
+                "hf_overrides"):
         if key in job:  # else vLLM's defaults
             engine_args[key] = job[key]
     llm = LLM(**engine_args)
