@@ -65,20 +65,10 @@ class LatentAttention(nn.Module):
         self.qk_rope_head_dim = layout.qk_rope_head_dim
         self.v_head_dim = layout.v_head_dim
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
-        hidden, heads = config.hidden_size, config.num_attention_heads
-
+        hidden = config.hidden_size
         self.q_lora_rank = layout.q_lora_rank
         self.key_norm_heads = layout.key_norm_heads
-        q_width = heads * (layout.head_dim if self.key_norm_heads else self.qk_head_dim)
-        head_linear = ReplicatedLinear if self.tpla else ColumnParallelLinear  # TPLA: every head on every rank
-        if self.q_lora_rank:  # low-rank queries, no norm between (see hf/attention.py)
-            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=False, quant_config=quant_config,
-                                             prefix=f"{prefix}.q_a_proj")
-            self.q_b_proj = head_linear(self.q_lora_rank, q_width, bias=layout.q_bias,
-                                        quant_config=quant_config, prefix=f"{prefix}.q_b_proj")
-        else:
-            self.q_proj = head_linear(hidden, q_width, bias=layout.q_bias, quant_config=quant_config,
-                                      prefix=f"{prefix}.q_proj")
+        self._init_queries(config, layout, quant_config, prefix)
         self.groups = layout.latent_groups
         if self.groups > 1 and self.groups % tp:
             raise ValueError(f"mla_latent_groups={self.groups} is not divisible by tensor_parallel_size={tp}: choose "
@@ -91,16 +81,7 @@ class LatentAttention(nn.Module):
                                                 prefix=f"{prefix}.kv_a_proj_with_mqa")
         if self.key_norm_heads:
             self._init_head_norms(config, layout, quant_config, prefix, latent_linear)
-        kv_b_rows = heads * (self.qk_nope_head_dim + self.v_head_dim)
-        if self.tpla:  # this rank's slice of the latent's columns; o_proj after the all-reduce of the slices
-            self.kv_b_proj = LatentSliceLinear(self.kv_lora_rank, kv_b_rows, tp)
-            self.o_proj = ReplicatedLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
-                                           quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        else:
-            self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, kv_b_rows, bias=False,
-                                                  quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
-            self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
-                                            quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self._init_up_and_output(config, layout, quant_config, prefix, tp)
         # Optional RMSNorm of c_kv before caching (public converter's qk_latent_layernorm / DeepSeek).
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps) if layout.latent_layernorm else None
         self.rotary_emb = get_rope(layout.rope_block_dim, max_position=config.max_position_embeddings,
@@ -113,6 +94,36 @@ class LatentAttention(nn.Module):
                         if layout.rope_pair_freqs is not None else None)
         self.register_buffer("pair_cos_sin", pair_cos_sin, persistent=False)
         self._init_latent_caches(layout, cache_config, quant_config, prefix)
+
+    def _init_queries(self, config, layout, quant_config, prefix: str) -> None:
+        """q_proj, or low-rank q_a_proj + q_b_proj (no norm between; see hf/attention.py): split by heads
+        across ranks, or (TPLA) every head on every rank."""
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        q_width = heads * (layout.head_dim if self.key_norm_heads else self.qk_head_dim)
+        head_linear = ReplicatedLinear if self.tpla else ColumnParallelLinear
+        if self.q_lora_rank:
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=False, quant_config=quant_config,
+                                             prefix=f"{prefix}.q_a_proj")
+            self.q_b_proj = head_linear(self.q_lora_rank, q_width, bias=layout.q_bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.q_b_proj")
+        else:
+            self.q_proj = head_linear(hidden, q_width, bias=layout.q_bias, quant_config=quant_config,
+                                      prefix=f"{prefix}.q_proj")
+
+    def _init_up_and_output(self, config, layout, quant_config, prefix: str, tp: int) -> None:
+        """kv_b_proj and o_proj: split by heads (o_proj row-parallel), or (TPLA) this rank's slice of kv_b_proj's
+        latent columns and a replicated o_proj after the all-reduce of the slices' outputs."""
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        kv_b_rows = heads * (self.qk_nope_head_dim + self.v_head_dim)
+        if self.tpla:
+            self.kv_b_proj = LatentSliceLinear(self.kv_lora_rank, kv_b_rows, tp)
+            self.o_proj = ReplicatedLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
+                                           quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        else:
+            self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, kv_b_rows, bias=False,
+                                                  quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
+            self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=layout.o_bias,
+                                            quant_config=quant_config, prefix=f"{prefix}.o_proj")
 
     def _init_latent_caches(self, layout, cache_config, quant_config, prefix: str) -> None:
         """vLLM's MLAAttention over the paged latent cache: one, or one per local latent group."""
