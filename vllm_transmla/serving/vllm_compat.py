@@ -35,6 +35,7 @@ INTERNALS = {
     "vllm/model_executor/models/utils.py": ["WeightsMapper", "extract_layer_index"],
     "vllm/model_executor/utils.py": ["set_weight_attrs"],
     "vllm/distributed/parallel_state.py": ["get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size"],
+    "vllm/distributed/communication_op.py": ["tensor_model_parallel_all_reduce"],
     "vllm/model_executor/layers/attention/mla_attention.py": ["MLAAttention", "MLACommonBackend",
                                                               "MLACommonDecodeMetadata", "MLACommonMetadata",
                                                               "MLACommonMetadataBuilder", "QueryLenSupport"],
