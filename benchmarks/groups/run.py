@@ -215,7 +215,8 @@ def _plot_quality_per_rank(ax, results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real", action="store_true", help="also SmolLM2-135M (G = 3) in the perplexity part")
-    parser.add_argument("--skip-vllm", action="store_true", help="leave out the measured TP=2 part")
+    parser.add_argument("--skip-vllm", action="store_true", help="do not run the measured TP=2 part (an existing "
+                        "results file's is kept)")
     parser.add_argument("--only-tpla", action="store_true",
                         help="run parts 2 and 4 only, keeping the other parts of an existing results file")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
@@ -224,8 +225,11 @@ def main() -> None:
     results = {"analytic": analytic(), "notes": {
         "grouped": f"{GROUPS} latents of ({LATENT} + {ROPE}) / {GROUPS} values, {GROUPS} // TP per rank",
         "TPLA": "c_kv's dims split across ranks (R / TP each), k_pe on every rank (mla_tpla_shards = TP)"}}
-    if args.only_tpla and out.exists():
-        results = {**json.loads(out.read_text()), **results}
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    if args.only_tpla:
+        results = {**previous, **results}
+    elif args.skip_vllm and "measured_tp2" in previous:  # cache sizes, not weights: still true of a new conversion
+        results["measured_tp2"] = previous["measured_tp2"]
     texts = [str(DATA / "kjv_heldout.txt"), str(DATA / "devils_dictionary_heldout.txt")]
     reference = str(DATA / "reference_model")
     with tempfile.TemporaryDirectory() as tmp:
