@@ -103,7 +103,7 @@ def test_result_is_the_student_layout_with_only_the_chosen_weights_changed(stude
         assert a.shape == b.shape and a.dtype == b.dtype, name
         if not torch.equal(a, b):
             changed.add(name)
-    projections = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+    projections = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
     expected = {n for n in before.names() if any(f".self_attn.{p}." in n for p in projections)}
     assert changed == expected
 
@@ -134,7 +134,7 @@ def test_resume_continues_the_same_loss_curve(student_teacher, tuned, tmp_path):
 
 
 def test_scopes_gradient_checkpointing_and_bf16(student_teacher, tmp_path):
-    """`attention` also trains o_proj and the norms, `all` every weight; gradient checkpointing gives the
+    """`attention` also trains the norms, `all` every weight; gradient checkpointing gives the
     same losses; bf16 mixed precision runs and saves in the student's dtype."""
     student, teacher = student_teacher
     plain = finetune(student, teacher, [TRAIN_TEXT], tmp_path / "a", _settings(train="attention", max_steps=2),

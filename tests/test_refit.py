@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from vllm_transmla.convert.pipeline import convert
 from vllm_transmla.convert.refit import output_moments, refit_output_projection
+from vllm_transmla.errors import TransMLAError
 from vllm_transmla.evaluate import perplexity
 from vllm_transmla.testing.tiny import build_tiny_model
 
@@ -62,3 +66,25 @@ def test_full_rank_conversion_keeps_o_proj(tmp_path):
     written = load_file(next(dst.glob("*.safetensors")))[name]
     original = load_file(next(src.glob("*.safetensors")))[name]
     assert (written.float() - original.float()).abs().max() < 1e-4
+
+
+def test_no_output_refit_keeps_the_source_o_proj(tmp_path):
+    """`output_refit=False` (`--no-output-refit`) writes every layer's source o_proj and says so in the
+    provenance; layer 0 is otherwise the refit conversion's (what it computes comes before the o_proj refit);
+    exact mode refuses the flag, which would do nothing there."""
+    kept = convert(REFERENCE, tmp_path / "kept", kv_ratio=0.25, output_refit=False, progress=False)
+    refit = convert(REFERENCE, tmp_path / "refit", kv_ratio=0.25, progress=False)
+    source = AutoModelForCausalLM.from_pretrained(REFERENCE, dtype=torch.float32).state_dict()
+    kept_w, refit_w = (load_file(next(d.glob("*.safetensors"))) for d in (kept, refit))
+    layers = {n.split(".")[2] for n in kept_w if ".self_attn." in n}
+    for i in layers:
+        name = f"model.layers.{i}.self_attn.o_proj.weight"
+        assert torch.equal(kept_w[name].float(), source[name]), name
+        assert not torch.allclose(refit_w[name].float(), source[name]), name
+    for name in kept_w:
+        if name.startswith("model.layers.0.") and "o_proj" not in name:
+            assert torch.equal(kept_w[name], refit_w[name]), name
+    assert json.loads((kept / "config.json").read_text())["transmla"]["output_refit"] is False
+    assert "output_refit" not in json.loads((refit / "config.json").read_text())["transmla"]
+    with pytest.raises(TransMLAError, match="--no-output-refit"):
+        convert(REFERENCE, tmp_path / "exact", output_refit=False, progress=False)

@@ -19,7 +19,7 @@ def _cmd_convert(args) -> int:
                   kv_ratio=args.kv_ratio, freqfold=args.freqfold, calib=args.calib,
                   calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens,
                   rank_allocation=args.rank_allocation, q_lora_rank=args.q_lora_rank, latent_groups=args.latent_groups,
-                  tpla_ready=args.tpla_ready)
+                  tpla_ready=args.tpla_ready, output_refit=args.output_refit)
     print(conversion_summary(dst))
     return 0
 
@@ -130,6 +130,9 @@ def _add_convert(sub) -> None:
                    help="rotate each latent (a Hadamard matrix) so that TPLA's slices (serving with "
                         "mla_tpla_shards = TP) carry equal shares; any single-latent checkpoint serves with TPLA, "
                         "this only changes which directions each rank caches (see the README for what it measured)")
+    p.add_argument("--no-output-refit", dest="output_refit", action="store_false",
+                   help="keep the source's o_proj instead of refitting it to the compressed heads: a little worse "
+                        "without fine-tuning, better as the start of `transmla finetune` (see the README)")
     p.add_argument("--calib", nargs="+", help="calibration text or jsonl files (default: shipped text)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens used at most")

@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--kv-ratio", type=float, default=0.25)
     parser.add_argument("--data", nargs="+")
     parser.add_argument("--calib", nargs="+", help="calibration files of the conversion (default: the converter's)")
+    parser.add_argument("--output-refit", action=argparse.BooleanOptionalAction, default=None,
+                        help="convert with the o_proj refit (default: without it for --real, where it measured a "
+                             "slower recovery; with it for the reference model)")
     parser.add_argument("--eval-text", nargs="+")
     parser.add_argument("--train", default="mla", choices=["mla", "attention", "all"])
     parser.add_argument("--max-steps", type=int)
@@ -67,7 +70,7 @@ def main() -> None:
 def reference_defaults() -> dict:
     return {"model": str(DATA / "reference_model"), "data": [str(DATA / "kjv_calibration.txt")],
             "eval_text": [str(DATA / "kjv_heldout.txt")], "calib": None, "max_steps": 600, "batch_size": 8, "lr": 2e-3,
-            "eval_steps": 50, "out": str(Path(__file__).with_name("results.json"))}
+            "eval_steps": 50, "output_refit": True, "out": str(Path(__file__).with_name("results.json"))}
 
 
 def real_defaults(in_genre: bool) -> dict:
@@ -78,8 +81,8 @@ def real_defaults(in_genre: bool) -> dict:
         data.append(str(Path(__file__).with_name("data") / "devils_dictionary_d_to_z.txt"))
     return {"model": str(fetch_smollm2().hf), "data": data,
             "eval_text": [str(DATA / "kjv_heldout.txt"), str(DATA / "devils_dictionary_heldout.txt")],
-            "calib": list(LICENSE_TEXTS), "max_steps": 120, "batch_size": 4, "lr": None, "eval_steps": 20,
-            "eval_tokens": 4096,
+            "calib": list(LICENSE_TEXTS), "output_refit": False, "max_steps": 60, "batch_size": 4, "lr": None,
+            "eval_steps": 20, "eval_tokens": 4096,
             "out": str(Path(__file__).with_name(f"results_smollm2{'' if in_genre else '_kjv_licenses'}.json"))}
 
 
@@ -99,7 +102,7 @@ def run(args) -> dict:
         original = {Path(t).stem: perplexity(args.model, t, max_tokens=args.eval_tokens)["perplexity"]
                     for t in args.eval_text}
         student = convert(args.model, Path(tmp) / "student", kv_ratio=args.kv_ratio, calib=args.calib,
-                          progress=False)
+                          output_refit=args.output_refit, progress=False)
         start, cpu_start = time.perf_counter(), time.process_time()
         tuned = finetune(student, args.model, args.data, Path(tmp) / "tuned", settings, eval_text=args.eval_text)
         minutes = (time.perf_counter() - start) / 60
@@ -116,7 +119,8 @@ def run(args) -> dict:
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": args.model, "kv_ratio": args.kv_ratio, "kv_lora_rank": config["kv_lora_rank"],
-        "qk_rope_head_dim": config["qk_rope_head_dim"], "calib": args.calib, "data": args.data,
+        "qk_rope_head_dim": config["qk_rope_head_dim"], "output_refit": args.output_refit, "calib": args.calib,
+        "data": args.data,
         "eval_text": args.eval_text,
         "settings": record["settings"], "train_tokens_available": record["train_tokens_available"],
         "perplexity": {n: {"original": round(original[n], 4), "compressed": compressed[n], "tuned": final[n]}

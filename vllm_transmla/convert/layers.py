@@ -88,10 +88,10 @@ class CompressedLayers:
         tensors["kv_b_proj.weight"] = refit_value_projection(tensors["kv_b_proj.weight"], moments, gqa.num_heads,
                                                              gqa.head_dim)
         attention.kv_b_proj.weight.data = tensors["kv_b_proj.weight"].float()
-        # then o_proj over all heads, on the refit values (refit.py)
-        moments = self.runner.output_refit_moments(layer, attention, cos_sin, kept)
-        tensors["o_proj.weight"] = refit_output_projection(w.o, moments)
-        attention.o_proj.weight.data = tensors["o_proj.weight"].float()
+        if plan.output_refit:  # then o_proj over all heads, on the refit values (refit.py)
+            moments = self.runner.output_refit_moments(layer, attention, cos_sin, kept)
+            tensors["o_proj.weight"] = refit_output_projection(w.o, moments)
+            attention.o_proj.weight.data = tensors["o_proj.weight"].float()
         if kept is not None:
             from .calibration import ReplayAttention
 

@@ -38,6 +38,7 @@ class ConvertOptions:
     calib_tokens: int = 32768
     latent_groups: int = 1  # G latents, one per group of query heads and the KV heads they read (groups.py)
     tpla_ready: str | None = None  # rotate each latent for TPLA's slices (tpla.py): the transform's name
+    output_refit: bool = True  # refit o_proj over all heads (refit.py); off: the source's o_proj
 
     @property
     def compressing(self) -> bool:
@@ -71,6 +72,7 @@ class ConversionPlan:
     survey_results: dict = field(default_factory=dict)  # what the survey measured, for the provenance
     latent_groups: int = 1  # ranks, rope width and layout are per group (groups.py)
     tpla_transform: str | None = None  # the latent's rotation for TPLA (tpla.py), or None
+    output_refit: bool = True
 
     @property
     def group_gqa(self) -> GQAShape:
@@ -116,6 +118,8 @@ class ConversionPlan:
                "calibration_seq_len": cal.seq_len}
         if self.ranks:
             out["kv_lora_ranks"] = list(self.ranks)
+        if not self.output_refit:
+            out["output_refit"] = False
         return {**out, **groups, **self.survey_results}
 
 
@@ -140,6 +144,9 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
         raise TransMLAError(f"--rank-allocation {options.rank_allocation!r}: use 'uniform' (one rank for every layer) "
                             f"or 'measured' (per-layer ranks by calibration error, same total cache)")
     if mode == "exact":
+        if not options.output_refit:
+            raise TransMLAError("--no-output-refit applies to compressed conversions: exact mode keeps the source's "
+                                "o_proj anyway; drop the flag or add --kv-ratio")
         if options.compressing:
             raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation/--q-lora-rank "
                                 "need --mode compressed (exact mode keeps the full K and V)")
@@ -179,7 +186,8 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
                  f"and layer{per} ({(rank + rope) / width:.1%})")
     return ConversionPlan(mode=mode, gqa=whole, num_layers=num_layers, rank=rank, rope_dim=rope, freqfold=freqfold,
                           rank_allocation=options.rank_allocation or "uniform", q_lora_rank=options.q_lora_rank,
-                          calibration=calibration, notes=tuple(notes), latent_groups=groups, tpla_transform=tpla)
+                          calibration=calibration, notes=tuple(notes), latent_groups=groups, tpla_transform=tpla,
+                          output_refit=options.output_refit)
 
 
 def _check_groups(options: ConvertOptions) -> int:
