@@ -7,7 +7,7 @@
 3. write JSON (settings, the curves, the gap recovered per text) and a loss / perplexity plot.
 
     python benchmarks/finetune/run.py          # the reference model at 25% (~12 minutes on 2 cores)
-    python benchmarks/finetune/run.py --real   # SmolLM2-135M-Instruct at 25% (~30 minutes), trained on the
+    python benchmarks/finetune/run.py --real   # SmolLM2-135M-Instruct at 25% (~15 minutes), trained on the
                                                # shipped KJV calibration text (Proverbs, Mark), Debian's
                                                # license texts and the Devil's Dictionary D-Z; held out:
                                                # other KJV books and the Devil's Dictionary A-C
