@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from vllm_transmla.convert.pipeline import convert
-from vllm_transmla.convert.refit import output_moments, refit_output_projection
+from vllm_transmla.convert.refit import output_moments, refit_moments, refit_output_projection
 from vllm_transmla.errors import TransMLAError
 from vllm_transmla.evaluate import perplexity
 from vllm_transmla.testing.tiny import build_tiny_model
@@ -35,6 +35,18 @@ def test_output_refit_is_the_least_squares_solution():
     assert error(refit) < 0.9 * error(o_proj)
     same = refit_output_projection(o_proj, output_moments(o, o))
     assert torch.allclose(same, o_proj, atol=1e-5)
+
+
+def test_value_refit_moments_are_the_per_head_sums():
+    """sum z z^T and sum o z^T per head, against a float64 loop over tokens."""
+    torch.manual_seed(0)
+    z, o = torch.randn(2, 300, 3, 5), torch.randn(2, 300, 3, 4)
+    zz, oz = refit_moments(z, o)
+    assert zz.dtype == oz.dtype == torch.float64 and zz.shape == (3, 5, 5) and oz.shape == (3, 4, 5)
+    z64, o64 = z.double().flatten(0, 1), o.double().flatten(0, 1)  # [N, H, .]
+    for h in range(3):
+        torch.testing.assert_close(zz[h], z64[:, h].T @ z64[:, h])
+        torch.testing.assert_close(oz[h], o64[:, h].T @ z64[:, h])
 
 
 def test_compressed_conversion_refits_o_proj_and_it_helps(tmp_path):

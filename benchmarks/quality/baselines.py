@@ -12,6 +12,10 @@ Cache budget B = dims cached per token and layer (the original caches 2 * n_kv *
   calibration text (S_2-norm); the other frequencies lose their rotation (NoPE). The NoPE key rows of
   all heads and all value rows are compressed together by one truncated SVD of the stacked weights
   [W_k_nope ; W_v] (SVD_joint) to rank B - 2 r n_kv. r is swept and the best is reported.
+* activation-aware variants of both (`activation_aware=True`, as ASVD / SVD-LLM do for weights): the
+  truncation minimises the error of the projections' outputs on the calibration inputs X of each layer,
+  |(W - W_r) X|, instead of |W - W_r|: W_r = U_r U_r^T W with U_r the top left singular vectors of
+  W (X X^T)^1/2, i.e. the principal directions of the keys and values themselves.
 """
 
 from __future__ import annotations
@@ -31,22 +35,57 @@ def low_rank(weight: torch.Tensor, rank: int) -> torch.Tensor:
     return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(weight.dtype)
 
 
+def activation_aware_low_rank(weight: torch.Tensor, rank: int, input_cov: torch.Tensor) -> torch.Tensor:
+    """Rank-`rank` W_r [out, in] minimising |(W - W_r) X| over inputs with sum x x^T = input_cov [in, in]:
+    the projection of W onto the top `rank` principal directions of its outputs W x (float64)."""
+    w = weight.double()
+    values, vectors = torch.linalg.eigh(w @ input_cov.double() @ w.T)
+    top = vectors[:, values.argsort(descending=True)[:rank]]  # [out, rank]
+    return (top @ (top.T @ w)).to(weight.dtype)
+
+
+def input_covariances(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, sum x x^T [hidden, hidden] (float64) of what k_proj and v_proj read on `tokens`."""
+    covs = [None] * len(model.model.layers)
+
+    def keep(i):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            covs[i] = x.T @ x if covs[i] is None else covs[i] + x.T @ x
+        return hook
+
+    hooks = [layer.self_attn.k_proj.register_forward_pre_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for batch in tokens.split(4):
+            model(batch)
+    for h in hooks:
+        h.remove()
+    return covs
+
+
+def _truncate(weight: torch.Tensor, rank: int, input_cov: torch.Tensor | None) -> torch.Tensor:
+    return low_rank(weight, rank) if input_cov is None else activation_aware_low_rank(weight, rank, input_cov)
+
+
 def _shape(model):
     cfg = model.config
     return cfg.num_key_value_heads, cfg.head_dim
 
 
-def apply_per_head_svd(model, budget: int) -> dict:
-    """In place; returns the settings. budget: cached dims per token and layer."""
+def apply_per_head_svd(model, budget: int, calib_tokens: torch.Tensor | None = None) -> dict:
+    """In place; returns the settings. budget: cached dims per token and layer. With `calib_tokens`, the
+    activation-aware truncation (module docstring)."""
     n_kv, d = _shape(model)
     rank = budget // (2 * n_kv)
     if rank < 1:
         raise ValueError(f"budget {budget} is below one dim per head for K and V")
+    covs = input_covariances(model, calib_tokens) if calib_tokens is not None else [None] * len(model.model.layers)
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer, cov in zip(model.model.layers, covs):
             for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
                 w = proj.weight.view(n_kv, d, -1)
-                proj.weight.copy_(torch.stack([low_rank(w[j], rank) for j in range(n_kv)]).view_as(proj.weight))
+                heads = [_truncate(w[j], rank, cov) for j in range(n_kv)]
+                proj.weight.copy_(torch.stack(heads).view_as(proj.weight))
     return {"rank_per_head": rank, "cached_dims": 2 * n_kv * rank}
 
 
@@ -103,21 +142,24 @@ class PartialRopeAttention(LlamaAttention):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-def apply_mha2mla(model, budget: int, rope_pairs: int, calib_tokens: torch.Tensor) -> dict:
-    """In place; returns the settings. rope_pairs: rotary pairs kept per KV head."""
+def apply_mha2mla(model, budget: int, rope_pairs: int, calib_tokens: torch.Tensor,
+                  activation_aware: bool = False) -> dict:
+    """In place; returns the settings. rope_pairs: rotary pairs kept per KV head; `activation_aware`: the
+    joint truncation on the calibration inputs (module docstring)."""
     n_kv, d = _shape(model)
     rank = budget - 2 * rope_pairs * n_kv
     if rank < 1 or rope_pairs > d // 2:
         raise ValueError(f"budget {budget} leaves no latent beside {rope_pairs} rope pairs per head")
     scores = pair_scores(model, calib_tokens)
+    covs = input_covariances(model, calib_tokens) if activation_aware else [None] * len(scores)
     with torch.no_grad():
-        for layer, score in zip(model.model.layers, scores):
+        for layer, score, cov in zip(model.model.layers, scores, covs):
             attn = layer.self_attn
             keep = torch.zeros(n_kv, d // 2, dtype=torch.bool)
             keep.scatter_(1, score.topk(rope_pairs, dim=1).indices, True)
             dims = torch.cat([keep, keep], dim=1).reshape(-1)  # [n_kv * d] key rows that keep RoPE
             w_k, w_v = attn.k_proj.weight, attn.v_proj.weight
-            joint = low_rank(torch.cat([w_k[~dims], w_v]), rank)
+            joint = _truncate(torch.cat([w_k[~dims], w_v]), rank, cov)
             w_k[~dims] = joint[: int((~dims).sum())]
             w_v.copy_(joint[int((~dims).sum()):])
             attn.__class__ = PartialRopeAttention

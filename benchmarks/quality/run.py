@@ -1,4 +1,4 @@
-"""Held-out perplexity versus KV-cache fraction, every method of ours against two baselines, no fine-tuning.
+"""Held-out perplexity versus KV-cache fraction, every method of ours against four baselines, no fine-tuning.
 
 For every fraction of the original KV cache (cached values per token and layer, against the original's
 2 * n_kv * head_dim), each method compresses the model and held-out perplexity is measured with
@@ -11,7 +11,9 @@ transformers on every text:
 * ours-per-layer: `--freqfold auto --rank-allocation measured` (per-layer ranks, same total cache);
 * mha2mla: partial RoPE by 2-norm + joint SVD (baselines.py), best of the swept rope widths;
 * per-head-svd: rank-r SVD of every KV head's W_k and W_v (baselines.py; RoPE after reconstruction,
-  which MLA cannot absorb - a lower bound on what a cache of that size holds, not a servable model).
+  which MLA cannot absorb - a lower bound on what a cache of that size holds, not a servable model);
+* mha2mla-aa, per-head-svd-aa: the same with activation-aware truncations (ASVD / SVD-LLM style: the
+  error of the keys and values on the calibration inputs, not of the weights).
 
     python benchmarks/quality/run.py            # the reference model on the held-out KJV books (~5 min)
     python benchmarks/quality/run.py --real     # SmolLM2-135M-Instruct (`transmla fetch`), calibrated on
@@ -39,7 +41,7 @@ OURS = {  # method -> convert options beside --kv-ratio
     "ours-auto": {"freqfold": "auto"},
     "ours-per-layer": {"freqfold": "auto", "rank_allocation": "measured"},
 }
-BASELINES = ("mha2mla", "per-head-svd")
+BASELINES = ("mha2mla", "per-head-svd", "mha2mla-aa", "per-head-svd-aa")  # -aa: activation-aware
 
 
 def main() -> None:
@@ -187,26 +189,27 @@ def _baseline(model: str, texts, calib, fraction: float, budget: int, method: st
         return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
 
     t = time.time()
-    if method == "per-head-svd":
+    aware = method.endswith("-aa")
+    tokens = calibration_batch(model, files=calib)
+    if method.startswith("per-head-svd"):
         m = fresh()
-        settings = apply_per_head_svd(m, budget)
-        record("per-head-svd", fraction, perplexities(model, texts, m), settings, time.time() - t)
+        settings = apply_per_head_svd(m, budget, tokens if aware else None)
+        record(method, fraction, perplexities(model, texts, m), settings, time.time() - t)
         return
     cfg = AutoConfig.from_pretrained(model)
     n_kv, d = cfg.num_key_value_heads, cfg.head_dim
-    tokens = calibration_batch(model, files=calib)
     first = Path(texts[0]).stem
     sweep, best = [], None  # best: (perplexity, settings, model) of the best rope width so far, the only model kept
     for pairs in (1, 2, 4, 8, 16, 32):
         if pairs > d // 2 or budget - 2 * pairs * n_kv < 1:
             continue
         m = fresh()
-        settings = apply_mha2mla(m, budget, pairs, tokens)
+        settings = apply_mha2mla(m, budget, pairs, tokens, activation_aware=aware)
         ppl = perplexities(model, texts[:1], m, max_tokens=SWEEP_TOKENS)[first]
         sweep.append({"rope_pairs_per_head": settings["rope_pairs_per_head"], "perplexity": ppl})
         if best is None or ppl < best[0]:
             best = (ppl, settings, m)
-    record("mha2mla", fraction, perplexities(model, texts, best[2]), {
+    record(method, fraction, perplexities(model, texts, best[2]), {
         **best[1], "swept_on_first_tokens": sweep, "sweep_tokens": SWEEP_TOKENS}, time.time() - t)
 
 
@@ -235,7 +238,7 @@ def plot(results: dict, path: Path) -> None:
     texts = list(results["runs"][0]["perplexity"])
     fig, axes = plt.subplots(1, len(texts), figsize=(7 * len(texts), 4.5), squeeze=False)
     styles = {"ours": "o-", "ours-select": "v:", "ours-freqfold": "^:", "ours-auto": "D-.", "ours-per-layer": "s-",
-              "mha2mla": "x--", "per-head-svd": "d--"}
+              "mha2mla": "x--", "per-head-svd": "d--", "mha2mla-aa": "P--", "per-head-svd-aa": "*--"}
     for ax, text in zip(axes[0], texts):
         original = next(r["perplexity"][text] for r in results["runs"] if r["method"] == "original")
         ax.axhline(original, color="gray", linestyle="--", label=f"original / exact ({original:.2f})")

@@ -1,0 +1,153 @@
+"""Changes to the compressed conversion that were measured on SmolLM2 at 25% of the cache and not kept.
+
+Each variant patches one step of the converter for this process only (the shipped code is unchanged), converts
+SmolLM2 with the defaults and the license calibration of `run.py --real`, and prints held-out perplexity on
+both texts (JSON lines). The README's "Tried and not kept" gives the numbers.
+
+* values-averaged-mean / -mean-raw-ratio / -per-head / -mix: the joint PCA over attention-averaged values
+  z_h(m) = sum_n p_h(m, n) v(n) (the source's attention weights) instead of the per-token values - the
+  exact objective of a value error given the attention weights. `mean`: z averaged over the query heads of
+  each KV head, K/V balance from z; `mean-raw-ratio`: the same, balance from the per-token values;
+  `per-head`: every query head's z its own sample; `mix`: half per-head z, half per-token values (by trace);
+* keys-centred: the NoPE keys centred before the PCA (a constant key error shifts every logit of a query
+  equally, which the softmax ignores);
+* nope-scale S: the converted model's NoPE query rows multiplied by S (is the attention too flat after
+  the truncation?), measured on the first 4,096 tokens of each text.
+
+    python benchmarks/quality/tried.py values-averaged-mean     # ~4 min each on 2 cores
+    python benchmarks/quality/tried.py nope-scale 1.0 1.1 1.25
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import DATA, perplexities  # noqa: E402
+
+import vllm_transmla.convert.calibration as calibration  # noqa: E402
+import vllm_transmla.convert.compress as compress  # noqa: E402
+
+TEXTS = [str(DATA / "kjv_heldout.txt"), str(DATA / "devils_dictionary_heldout.txt")]
+AVERAGED = {"values-averaged-mean", "values-averaged-mean-raw-ratio", "values-averaged-per-head",
+            "values-averaged-mix"}
+
+
+def averaged_values(runner, layer: int, values: torch.Tensor) -> torch.Tensor:
+    """[G, N, n*d]: for the i-th query head of every KV head group (G = heads per group), the values averaged
+    with that head's source attention weights (Llama layout, no per-head norms)."""
+    fam, w, gqa = runner.source.family, runner.source.weights, runner.source.gqa
+    module = importlib.import_module(fam.calibration["module"])
+    norm = runner.module(layer).input_layernorm
+    q_w = w.get(fam.attn_name("q_proj", layer) + ".weight").float()
+    k_w = w.get(fam.attn_name("k_proj", layer) + ".weight").float()
+    heads, n, d = gqa.num_heads, gqa.num_kv_heads, gqa.head_dim
+    group = heads // n
+    seq = runner.hidden.shape[1]
+    out = torch.empty(group, *values.shape)
+    cos, sin = runner.cos_sin
+    mask = torch.full((seq, seq), float("-inf")).triu(1)
+    start = 0
+    with torch.no_grad():
+        for chunk in runner.hidden.split(runner.batch_size):
+            b = chunk.shape[0]
+            x = norm(chunk)
+            q = (x @ q_w.T).view(b, seq, heads, d).transpose(1, 2)
+            k = (x @ k_w.T).view(b, seq, n, d).transpose(1, 2)
+            q, k = module.apply_rotary_pos_emb(q, k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
+            p = torch.softmax(q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) * d ** -0.5 + mask, dim=-1)
+            v = values[start:start + b * seq].view(b, seq, n, d)
+            z = torch.zeros(group, b, seq, n, d)
+            for h in range(heads):
+                g, i = divmod(h, group)
+                z[i, :, :, g] = p[:, h] @ v[:, :, g]
+            out[:, start:start + b * seq] = z.reshape(group, b * seq, n * d)
+            start += b * seq
+    return out
+
+
+def patch(variant: str) -> None:
+    original_stats, original_analyse = calibration.LayerByLayer.stats, compress.analyse_layer
+
+    def stats(self, layer, input_cov=False):
+        st = original_stats(self, layer, input_cov)
+        st.averaged = averaged_values(self, layer, st.values)
+        return st
+
+    def analyse(gqa, rope_dim, freqfold, st, o_weight=None):
+        if variant == "values-averaged-mean":
+            raw, st.values = st.values, st.averaged.mean(0)
+            basis = original_analyse(gqa, rope_dim, freqfold, st, o_weight)
+            st.values = raw
+            return basis
+        basis = original_analyse(gqa, rope_dim, freqfold, st, o_weight)
+        f64 = torch.float64
+        keys = st.keys.to(f64) @ (basis.rotation[rope_dim:].T @ basis.key_weight)
+        if variant == "keys-centred":
+            keys = keys - keys.mean(0)
+        if variant == "values-averaged-mean-raw-ratio":
+            samples = [st.averaged.mean(0)]
+        elif variant in ("values-averaged-per-head", "values-averaged-mix"):
+            samples = list(st.averaged)
+        else:  # keys-centred
+            samples = [st.values]
+
+        def covariance(value_samples):
+            cov = 0
+            for v in value_samples:
+                joint = torch.cat([keys / basis.ratio, v.to(f64) @ basis.value_weight], dim=-1)
+                cov = cov + joint.T @ joint / len(value_samples)
+            return cov
+
+        cov = covariance(samples)
+        if variant == "values-averaged-mix":
+            raw = covariance([st.values])
+            cov = 0.5 * cov * raw.trace() / cov.trace() + 0.5 * raw
+        values, vectors = torch.linalg.eigh(cov)
+        order = values.argsort(descending=True)
+        return compress.LayerBasis(basis.plan, basis.rotation, basis.pair_freqs, basis.key_weight, basis.value_weight,
+                                   basis.ratio, values[order].clamp_min(0), vectors[:, order])
+
+    if variant in AVERAGED:
+        calibration.LayerByLayer.stats = stats
+    compress.analyse_layer = analyse
+
+
+def nope_scales(dst: Path, scales: list[float]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((dst / "config.json").read_text())
+    d, rope, heads = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["num_attention_heads"]
+    for s in scales:
+        model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.view(heads, d + rope, -1)[:, :d] *= s
+        print(json.dumps({"variant": "nope-scale", "scale": s,
+                          "perplexity": perplexities(dst, TEXTS, model, max_tokens=4096)}), flush=True)
+
+
+def main() -> None:
+    from vllm_transmla.convert.pipeline import convert
+    from vllm_transmla.real_model import LICENSE_TEXTS, fetch_smollm2
+
+    variant, scales = sys.argv[1], [float(a) for a in sys.argv[2:]]
+    if variant != "nope-scale":
+        patch(variant)
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = convert(str(fetch_smollm2().hf), Path(tmp) / "mla", kv_ratio=0.25, calib=list(LICENSE_TEXTS),
+                      progress=False)
+        if variant == "nope-scale":
+            nope_scales(dst, scales or [1.0, 1.1, 1.25])
+        else:
+            print(json.dumps({"variant": variant, "perplexity": perplexities(dst, TEXTS)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
