@@ -44,17 +44,22 @@ def activation_aware_low_rank(weight: torch.Tensor, rank: int, input_cov: torch.
     return (top @ (top.T @ w)).to(weight.dtype)
 
 
-def input_covariances(model, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, sum x x^T [hidden, hidden] (float64) of what k_proj and v_proj read on `tokens`."""
-    covs = [None] * len(model.model.layers)
-
+def _input_cov_hooks(model, covs: list) -> list:
+    """Hooks adding each layer's sum x x^T [hidden, hidden] (float64) of what k_proj and v_proj read into
+    covs[layer] on every forward pass."""
     def keep(i):
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             covs[i] = x.T @ x if covs[i] is None else covs[i] + x.T @ x
         return hook
 
-    hooks = [layer.self_attn.k_proj.register_forward_pre_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
+    return [layer.self_attn.k_proj.register_forward_pre_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
+
+
+def input_covariances(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, sum x x^T [hidden, hidden] (float64) of what k_proj and v_proj read on `tokens`."""
+    covs = [None] * len(model.model.layers)
+    hooks = _input_cov_hooks(model, covs)
     with torch.no_grad():
         for batch in tokens.split(4):
             model(batch)
@@ -89,13 +94,14 @@ def apply_per_head_svd(model, budget: int, calib_tokens: torch.Tensor | None = N
     return {"rank_per_head": rank, "cached_dims": 2 * n_kv * rank}
 
 
-def pair_scores(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+def pair_scores(model, tokens: torch.Tensor, input_covs: list | None = None) -> list[torch.Tensor]:
     """Per layer [n_kv, d/2]: sum over the group's query heads of mean|q_pair| * mean|k_pair| (pre-rope
-    norms of each rotary pair; RoPE does not change them)."""
+    norms of each rotary pair; RoPE does not change them). With `input_covs` (one None per layer), the same
+    forward pass also fills each layer's attention-input sum x x^T (as input_covariances)."""
     n_kv, d = _shape(model)
     heads = model.config.num_attention_heads
     seen: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
+    hooks = _input_cov_hooks(model, input_covs) if input_covs is not None else []
     for i, layer in enumerate(model.model.layers):
         for name in ("q_proj", "k_proj"):
             hooks.append(getattr(layer.self_attn, name).register_forward_hook(
@@ -150,8 +156,8 @@ def apply_mha2mla(model, budget: int, rope_pairs: int, calib_tokens: torch.Tenso
     rank = budget - 2 * rope_pairs * n_kv
     if rank < 1 or rope_pairs > d // 2:
         raise ValueError(f"budget {budget} leaves no latent beside {rope_pairs} rope pairs per head")
-    scores = pair_scores(model, calib_tokens)
-    covs = input_covariances(model, calib_tokens) if activation_aware else [None] * len(scores)
+    covs = [None] * len(model.model.layers)  # stays None (plain SVD) unless activation-aware
+    scores = pair_scores(model, calib_tokens, covs if activation_aware else None)
     with torch.no_grad():
         for layer, score, cov in zip(model.model.layers, scores, covs):
             attn = layer.self_attn

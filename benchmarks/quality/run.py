@@ -190,14 +190,14 @@ def _baseline(model: str, texts, calib, fraction: float, budget: int, method: st
 
     t = time.time()
     aware = method.endswith("-aa")
-    tokens = calibration_batch(model, files=calib)
     if method.startswith("per-head-svd"):
         m = fresh()
-        settings = apply_per_head_svd(m, budget, tokens if aware else None)
+        settings = apply_per_head_svd(m, budget, calibration_batch(model, files=calib) if aware else None)
         record(method, fraction, perplexities(model, texts, m), settings, time.time() - t)
         return
     cfg = AutoConfig.from_pretrained(model)
     n_kv, d = cfg.num_key_value_heads, cfg.head_dim
+    tokens = calibration_batch(model, files=calib)
     first = Path(texts[0]).stem
     sweep, best = [], None  # best: (perplexity, settings, model) of the best rope width so far, the only model kept
     for pairs in (1, 2, 4, 8, 16, 32):
