@@ -19,7 +19,8 @@ def _cmd_convert(args) -> int:
                   kv_ratio=args.kv_ratio, freqfold=args.freqfold, calib=args.calib,
                   calib_seq_len=args.calib_seq_len, calib_tokens=args.calib_tokens,
                   rank_allocation=args.rank_allocation, q_lora_rank=args.q_lora_rank, latent_groups=args.latent_groups,
-                  tpla_ready=args.tpla_ready, output_refit=args.output_refit)
+                  tpla_ready=args.tpla_ready, output_refit=args.output_refit,
+                  refine_epochs=args.refine_epochs)
     print(conversion_summary(dst))
     return 0
 
@@ -133,6 +134,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--no-output-refit", dest="output_refit", action="store_false",
                    help="keep the source's o_proj instead of refitting it to the compressed heads: a little worse "
                         "without fine-tuning, better as the start of `transmla finetune` (see the README)")
+    p.add_argument("--refine-epochs", type=int, default=0, metavar="N",
+                   help="after the closed form, N epochs of gradient descent per layer on the converted attention's "
+                        "projections against the source attention's output on the calibration text (default 0; "
+                        "4 lowers SmolLM2's perplexity at 25%% of the cache by ~7%% and ~1.7x the conversion time)")
     p.add_argument("--calib", nargs="+", help="calibration text or jsonl files (default: shipped text)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens used at most")

@@ -28,6 +28,7 @@ CASES = {
     "compressed 25%, --freqfold auto": ["--kv-ratio", "0.25", "--freqfold", "auto"],
     "compressed 25%, --freqfold auto --rank-allocation measured": ["--kv-ratio", "0.25", "--freqfold", "auto",
                                                                     "--rank-allocation", "measured"],
+    "compressed 25%, --refine-epochs 4": ["--kv-ratio", "0.25", "--refine-epochs", "4"],
     # the calibration budget of the quality comparison with the public converter: 14,848 tokens of license text
     "compressed 50%, license calibration": ["--kv-ratio", "0.5", "--calib", *LICENSE_TEXTS],
     "compressed 25%, license calibration": ["--kv-ratio", "0.25", "--calib", *LICENSE_TEXTS],

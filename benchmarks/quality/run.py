@@ -9,6 +9,8 @@ transformers on every text:
 * ours-select / ours-freqfold: the selected-frequency layout, the paper's FreqFold (F = 2 head_dim / D);
 * ours-auto: `--freqfold auto` (the layout with the least calibration attention error);
 * ours-per-layer: `--freqfold auto --rank-allocation measured` (per-layer ranks, same total cache);
+* ours-refined, ours-refined-10: `--refine-epochs 4` / `10` (the defaults, then that many epochs of
+  gradient refinement of every layer);
 * mha2mla: partial RoPE by 2-norm + joint SVD (baselines.py), best of the swept rope widths;
 * per-head-svd: rank-r SVD of every KV head's W_k and W_v (baselines.py; RoPE after reconstruction,
   which MLA cannot absorb - a lower bound on what a cache of that size holds, not a servable model);
@@ -40,6 +42,8 @@ OURS = {  # method -> convert options beside --kv-ratio
     "ours-freqfold": {"freqfold": "paper"},  # F = 2 * head_dim / D, resolved per fraction
     "ours-auto": {"freqfold": "auto"},
     "ours-per-layer": {"freqfold": "auto", "rank_allocation": "measured"},
+    "ours-refined": {"refine_epochs": 4},  # the defaults, then gradient refinement of each layer (local_refine.py)
+    "ours-refined-10": {"refine_epochs": 10},
 }
 BASELINES = ("mha2mla", "per-head-svd", "mha2mla-aa", "per-head-svd-aa")  # -aa: activation-aware
 
@@ -238,6 +242,7 @@ def plot(results: dict, path: Path) -> None:
     texts = list(results["runs"][0]["perplexity"])
     fig, axes = plt.subplots(1, len(texts), figsize=(7 * len(texts), 4.5), squeeze=False)
     styles = {"ours": "o-", "ours-select": "v:", "ours-freqfold": "^:", "ours-auto": "D-.", "ours-per-layer": "s-",
+              "ours-refined": "h-", "ours-refined-10": "H-",
               "mha2mla": "x--", "per-head-svd": "d--", "mha2mla-aa": "P--", "per-head-svd-aa": "*--"}
     for ax, text in zip(axes[0], texts):
         original = next(r["perplexity"][text] for r in results["runs"] if r["method"] == "original")

@@ -99,6 +99,13 @@ class LayerByLayer:
         with torch.no_grad():
             return torch.cat([norm(chunk) for chunk in hidden.split(self.batch_size)])
 
+    def source_attention_outputs(self, layer: int, inputs: torch.Tensor) -> torch.Tensor:
+        """The source attention's output (after its o_proj) on `inputs` [num_sequences, seq_len, hidden]."""
+        attention = self.module(layer).self_attn
+        with torch.no_grad():
+            return torch.cat([attention(x, position_embeddings=self.position_embeddings(len(x)), attention_mask=None)[0]
+                              for x in inputs.split(self.batch_size)])
+
     def stats(self, layer: int, input_cov: bool = False) -> LayerStats:
         """Keys and values (pre-rope, with bias; keys and queries after their per-head norms where the family
         has them) of `layer` over all calibration tokens, their float64 second moments, the queries' per head,

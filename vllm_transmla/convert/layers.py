@@ -74,6 +74,7 @@ class CompressedLayers:
         self.runner = LayerByLayer(source, tokens)
         self.config = mla_config(source, plan.mla_shape(), {"mode": "compressed"})  # to run converted layers
         self.pair_freqs: list[list[int] | None] = []
+        self.refine_errors: list[tuple[float, float]] = []  # per layer with --refine-epochs: (before, after)
 
     def convert(self, layer: int) -> dict[str, torch.Tensor]:
         plan, gqa = self.plan, self.source.gqa
@@ -92,12 +93,31 @@ class CompressedLayers:
             moments = self.runner.output_refit_moments(layer, attention, cos_sin, kept)
             tensors["o_proj.weight"] = refit_output_projection(w.o, moments)
             attention.o_proj.weight.data = tensors["o_proj.weight"].float()
-        if kept is not None:
+        if plan.refine_epochs:  # the trained weights change the latents: the next pass runs the attention itself
+            tensors.update(self._refine(layer, converted, kept))
+        elif kept is not None:
             from .calibration import ReplayAttention
 
             converted = ReplayAttention([z for z, _ in kept], attention)
         self.runner.advance(layer, converted)
         return tensors
+
+    def _refine(self, layer: int, converted, kept: list | None) -> dict[str, torch.Tensor]:
+        """Gradient refinement of the converted attention (local_refine.py): its trained matrices. The targets
+        are the source attention's outputs: its o_proj on the head outputs the value refit `kept`, if it did."""
+        from .local_refine import refine_attention, refined_parameters
+
+        inputs = self.runner.attention_inputs(layer)
+        if kept is not None:
+            with torch.no_grad():
+                o_proj = self.runner.module(layer).self_attn.o_proj
+                targets = torch.cat([o_proj(o.flatten(2)) for _, o in kept])
+        else:
+            targets = self.runner.source_attention_outputs(layer, inputs)
+        result = refine_attention(converted, inputs, targets, self.plan.refine_epochs, seed=layer)
+        self.refine_errors.append((result.before, result.after))
+        dtype = self.source.attention_weights(layer).o.dtype
+        return {name: p.detach().to(dtype) for name, p in refined_parameters(converted.attention).items()}
 
     def _build(self, layer: int, stats, w: AttentionWeights) -> tuple[dict[str, torch.Tensor], list[int] | None]:
         """The layer's tensors before the value refit, and its rope pair frequencies (select layout); per latent

@@ -120,6 +120,10 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions | None = N
             dtype = _write_tensors(source, layers, ShardWriter(tmp, shard_bytes), progress, plan.tpla_transform)
             if any(f is not None for f in layers.pair_freqs):
                 config.qk_rope_pair_freqs = layers.pair_freqs
+            if getattr(layers, "refine_errors", None):  # per layer, relative to the source attention's output
+                before, after = zip(*layers.refine_errors)
+                config.transmla["refine_error"] = {"before": [round(e, 6) for e in before],
+                                                   "after": [round(e, 6) for e in after]}
             config.dtype = dtype
             config.save_pretrained(tmp)
             write_remote_code(tmp, type(config).__name__, config.architectures[0])

@@ -39,6 +39,7 @@ class ConvertOptions:
     latent_groups: int = 1  # G latents, one per group of query heads and the KV heads they read (groups.py)
     tpla_ready: str | None = None  # rotate each latent for TPLA's slices (tpla.py): the transform's name
     output_refit: bool = True  # refit o_proj over all heads (refit.py); off: the source's o_proj
+    refine_epochs: int = 0  # epochs of gradient refinement per layer after the closed form (local_refine.py)
 
     @property
     def compressing(self) -> bool:
@@ -73,6 +74,7 @@ class ConversionPlan:
     latent_groups: int = 1  # ranks, rope width and layout are per group (groups.py)
     tpla_transform: str | None = None  # the latent's rotation for TPLA (tpla.py), or None
     output_refit: bool = True
+    refine_epochs: int = 0
 
     @property
     def group_gqa(self) -> GQAShape:
@@ -120,6 +122,8 @@ class ConversionPlan:
             out["kv_lora_ranks"] = list(self.ranks)
         if not self.output_refit:
             out["output_refit"] = False
+        if self.refine_epochs:
+            out["refine_epochs"] = self.refine_epochs
         return {**out, **groups, **self.survey_results}
 
 
@@ -143,13 +147,9 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
     if options.rank_allocation not in (None, "uniform", "measured"):
         raise TransMLAError(f"--rank-allocation {options.rank_allocation!r}: use 'uniform' (one rank for every layer) "
                             f"or 'measured' (per-layer ranks by calibration error, same total cache)")
+    refine = _check_refine(options.refine_epochs)
     if mode == "exact":
-        if not options.output_refit:
-            raise TransMLAError("--no-output-refit applies to compressed conversions: exact mode keeps the source's "
-                                "o_proj anyway; drop the flag or add --kv-ratio")
-        if options.compressing:
-            raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation/--q-lora-rank "
-                                "need --mode compressed (exact mode keeps the full K and V)")
+        _check_exact(options)
         return ConversionPlan(mode=mode, gqa=whole, num_layers=num_layers, latent_groups=groups,
                               tpla_transform=tpla)
     calibration = _check_calibration(options)
@@ -187,7 +187,26 @@ def plan_conversion(gqa: GQAShape, num_layers: int, options: ConvertOptions) -> 
     return ConversionPlan(mode=mode, gqa=whole, num_layers=num_layers, rank=rank, rope_dim=rope, freqfold=freqfold,
                           rank_allocation=options.rank_allocation or "uniform", q_lora_rank=options.q_lora_rank,
                           calibration=calibration, notes=tuple(notes), latent_groups=groups, tpla_transform=tpla,
-                          output_refit=options.output_refit)
+                          output_refit=options.output_refit, refine_epochs=refine)
+
+
+def _check_exact(options: ConvertOptions) -> None:
+    """Exact mode refuses what only changes a compressed conversion."""
+    if options.refine_epochs:
+        raise TransMLAError("--refine-epochs applies to compressed conversions: the exact one has no error to "
+                            "refine; drop the flag or add --kv-ratio")
+    if not options.output_refit:
+        raise TransMLAError("--no-output-refit applies to compressed conversions: exact mode keeps the source's "
+                            "o_proj anyway; drop the flag or add --kv-ratio")
+    if options.compressing:
+        raise TransMLAError("--kv-lora-rank/--kv-ratio/--qk-rope-dim/--freqfold/--rank-allocation/--q-lora-rank "
+                            "need --mode compressed (exact mode keeps the full K and V)")
+
+
+def _check_refine(epochs) -> int:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise TransMLAError(f"--refine-epochs {epochs!r} must be a whole number >= 0 (0: no refinement)")
+    return epochs
 
 
 def _check_groups(options: ConvertOptions) -> int:
