@@ -12,10 +12,14 @@ both texts (JSON lines). The README's "Tried and not kept" gives the numbers.
 * keys-centred: the NoPE keys centred before the PCA (a constant key error shifts every logit of a query
   equally, which the softmax ignores);
 * nope-scale S: the converted model's NoPE query rows multiplied by S (is the attention too flat after
-  the truncation?), measured on the first 4,096 tokens of each text.
+  the truncation?), measured on the first 4,096 tokens of each text;
+* refine-layer-output: `--refine-epochs 4` with the decoder layer's output as the objective instead of the
+  attention's (the converted attention trained through the source layer's MLP against the source layer's
+  output on the same hidden states).
 
     python benchmarks/quality/tried.py values-averaged-mean     # ~4 min each on 2 cores
     python benchmarks/quality/tried.py nope-scale 1.0 1.1 1.25
+    python benchmarks/quality/tried.py refine-layer-output      # ~8 min
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from run import DATA, perplexities  # noqa: E402
 
 import vllm_transmla.convert.calibration as calibration  # noqa: E402
 import vllm_transmla.convert.compress as compress  # noqa: E402
+import vllm_transmla.convert.layers as layers  # noqa: E402
 
 TEXTS = [str(DATA / "kjv_heldout.txt"), str(DATA / "devils_dictionary_heldout.txt")]
 AVERAGED = {"values-averaged-mean", "values-averaged-mean-raw-ratio", "values-averaged-per-head",
@@ -119,6 +124,41 @@ def patch(variant: str) -> None:
     compress.analyse_layer = analyse
 
 
+class ThroughLayer(torch.nn.Module):
+    """hidden [B, T, hidden] -> the decoder layer's update (output - hidden) with `attention` in place of its
+    own; the layer's norms and MLP are not registered, so refinement trains the attention alone."""
+
+    def __init__(self, attention, decoder_layer):
+        super().__init__()
+        self.attention = attention
+        self.__dict__["decoder_layer"] = decoder_layer
+
+    def forward(self, hidden, **_unused):
+        layer = self.decoder_layer
+        mid = hidden + self.attention(layer.input_layernorm(hidden))[0]
+        return mid + layer.mlp(layer.post_attention_layernorm(mid)) - hidden, None
+
+
+def refine_layer_output(self, layer: int, converted, kept) -> dict:
+    from vllm_transmla.convert.local_refine import refine_attention, refined_parameters
+
+    runner = self.runner
+    module = runner.module(layer)  # still the source's attention: the targets
+    for p in module.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        outputs = []
+        for h in runner.hidden.split(runner.batch_size):
+            out = module(h, attention_mask=None, position_embeddings=runner.position_embeddings(len(h)))
+            outputs.append((out[0] if isinstance(out, tuple) else out) - h)
+    inputs = runner.hidden.clone()
+    result = refine_attention(ThroughLayer(converted, module), inputs, torch.cat(outputs), self.plan.refine_epochs,
+                              seed=layer)
+    self.refine_errors.append((result.before, result.after))
+    dtype = self.source.attention_weights(layer).o.dtype
+    return {name: p.detach().to(dtype) for name, p in refined_parameters(converted.attention).items()}
+
+
 def nope_scales(dst: Path, scales: list[float]) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -138,11 +178,15 @@ def main() -> None:
     from vllm_transmla.real_model import LICENSE_TEXTS, fetch_smollm2
 
     variant, scales = sys.argv[1], [float(a) for a in sys.argv[2:]]
-    if variant != "nope-scale":
+    options = {}
+    if variant == "refine-layer-output":
+        layers.CompressedLayers._refine = refine_layer_output
+        options["refine_epochs"] = 4
+    elif variant != "nope-scale":
         patch(variant)
     with tempfile.TemporaryDirectory() as tmp:
         dst = convert(str(fetch_smollm2().hf), Path(tmp) / "mla", kv_ratio=0.25, calib=list(LICENSE_TEXTS),
-                      progress=False)
+                      progress=False, **options)
         if variant == "nope-scale":
             nope_scales(dst, scales or [1.0, 1.1, 1.25])
         else:
