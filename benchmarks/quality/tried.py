@@ -139,7 +139,7 @@ class ThroughLayer(torch.nn.Module):
         return mid + layer.mlp(layer.post_attention_layernorm(mid)) - hidden, None
 
 
-def refine_layer_output(self, layer: int, converted, kept) -> dict:
+def refine_layer_output(self, layer: int, converted, kept, dtype) -> dict:
     from vllm_transmla.convert.local_refine import refine_attention, refined_parameters
 
     runner = self.runner
@@ -155,7 +155,6 @@ def refine_layer_output(self, layer: int, converted, kept) -> dict:
     result = refine_attention(ThroughLayer(converted, module), inputs, torch.cat(outputs), self.plan.refine_epochs,
                               seed=layer)
     self.refine_errors.append((result.before, result.after))
-    dtype = self.source.attention_weights(layer).o.dtype
     return {name: p.detach().to(dtype) for name, p in refined_parameters(converted.attention).items()}
 
 

@@ -94,7 +94,7 @@ class CompressedLayers:
             tensors["o_proj.weight"] = refit_output_projection(w.o, moments)
             attention.o_proj.weight.data = tensors["o_proj.weight"].float()
         if plan.refine_epochs:  # the trained weights change the latents: the next pass runs the attention itself
-            tensors.update(self._refine(layer, converted, kept))
+            tensors.update(self._refine(layer, converted, kept, w.o.dtype))
         elif kept is not None:
             from .calibration import ReplayAttention
 
@@ -102,9 +102,10 @@ class CompressedLayers:
         self.runner.advance(layer, converted)
         return tensors
 
-    def _refine(self, layer: int, converted, kept: list | None) -> dict[str, torch.Tensor]:
+    def _refine(self, layer: int, converted, kept: list | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Gradient refinement of the converted attention (local_refine.py): its trained matrices. The targets
-        are the source attention's outputs: its o_proj on the head outputs the value refit `kept`, if it did."""
+        are the source attention's outputs: its o_proj on the head outputs the value refit `kept`, if it did;
+        returned in the checkpoint's `dtype`."""
         from .local_refine import refine_attention, refined_parameters
 
         inputs = self.runner.attention_inputs(layer)
@@ -116,7 +117,6 @@ class CompressedLayers:
             targets = self.runner.source_attention_outputs(layer, inputs)
         result = refine_attention(converted, inputs, targets, self.plan.refine_epochs, seed=layer)
         self.refine_errors.append((result.before, result.after))
-        dtype = self.source.attention_weights(layer).o.dtype
         return {name: p.detach().to(dtype) for name, p in refined_parameters(converted.attention).items()}
 
     def _build(self, layer: int, stats, w: AttentionWeights) -> tuple[dict[str, torch.Tensor], list[int] | None]:

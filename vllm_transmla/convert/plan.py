@@ -203,15 +203,20 @@ def _check_exact(options: ConvertOptions) -> None:
                             "need --mode compressed (exact mode keeps the full K and V)")
 
 
+def _is_whole(value, minimum: int) -> bool:
+    """An int (not a bool) of at least `minimum`: what the whole-number flags accept."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _check_refine(epochs) -> int:
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+    if not _is_whole(epochs, 0):
         raise TransMLAError(f"--refine-epochs {epochs!r} must be a whole number >= 0 (0: no refinement)")
     return epochs
 
 
 def _check_groups(options: ConvertOptions) -> int:
     groups = options.latent_groups
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    if not _is_whole(groups, 1):
         raise TransMLAError(f"--latent-groups {groups!r} must be a positive whole number (1: one latent)")
     return groups
 
@@ -298,7 +303,7 @@ def _check_freqfold(freqfold):
 
 def _check_calibration(options: ConvertOptions) -> Calibration:
     for flag, value in (("--calib-seq-len", options.calib_seq_len), ("--calib-tokens", options.calib_tokens)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_whole(value, 1):
             raise TransMLAError(f"{flag} {value} must be a positive number of tokens")
     files = tuple(str(f) for f in options.calib) if options.calib else None
     return Calibration(files=files, seq_len=options.calib_seq_len, max_tokens=options.calib_tokens)
