@@ -13,6 +13,13 @@ both texts (JSON lines). The README's "Tried and not kept" gives the numbers.
   equally, which the softmax ignores);
 * nope-scale S: the converted model's NoPE query rows multiplied by S (is the attention too flat after
   the truncation?), measured on the first 4,096 tokens of each text;
+* refine-original-targets / refine-drift-targets: `--refine-epochs 4` whose targets are the source
+  attention's output on the original model's hidden states rather than on the converted model's (inputs
+  unchanged: asymmetric calibration, as GPTAQ does); `drift` also subtracts the residual drift h - h_orig;
+* refine-fisher / refine-fisher-per-token: `--refine-epochs 4` with the squared error of each attention
+  output dim weighted by the diagonal empirical Fisher of the original model's calibration loss with
+  respect to that output (squared gradients, averaged over tokens, or per token);
+* refine-settings LR BATCH EPOCHS: `--refine-epochs EPOCHS` at learning rate LR, BATCH sequences a step;
 * refine-layer-output: `--refine-epochs 4` with the decoder layer's output as the objective instead of the
   attention's (the converted attention trained through the source layer's MLP against the source layer's
   output on the same hidden states).
@@ -20,6 +27,7 @@ both texts (JSON lines). The README's "Tried and not kept" gives the numbers.
     python benchmarks/quality/tried.py values-averaged-mean     # ~4 min each on 2 cores
     python benchmarks/quality/tried.py nope-scale 1.0 1.1 1.25
     python benchmarks/quality/tried.py refine-layer-output      # ~8 min
+    python benchmarks/quality/tried.py refine-settings 1e-4 1 4  # ~10 min
 """
 
 from __future__ import annotations
@@ -172,6 +180,122 @@ def nope_scales(dst: Path, scales: list[float]) -> None:
                           "perplexity": perplexities(dst, TEXTS, model, max_tokens=4096)}), flush=True)
 
 
+def track_original_hidden() -> None:
+    """LayerByLayer also carries the original model's hidden states [N, T, hidden] beside the converted ones:
+    each advance first runs the source layer (its own attention) on them."""
+    init, advance = calibration.LayerByLayer.__init__, calibration.LayerByLayer.advance
+
+    def patched_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.original_hidden = self.hidden.clone()
+
+    def patched_advance(self, layer, attention=None):
+        module = self.module(layer)
+        with torch.no_grad():
+            for i in range(0, self.original_hidden.shape[0], self.batch_size):
+                batch = self.original_hidden[i:i + self.batch_size]
+                out = module(batch, attention_mask=None, position_embeddings=self.position_embeddings(len(batch)))
+                self.original_hidden[i:i + self.batch_size] = out[0] if isinstance(out, tuple) else out
+        advance(self, layer, attention)
+
+    calibration.LayerByLayer.__init__, calibration.LayerByLayer.advance = patched_init, patched_advance
+
+
+def refine_original_targets(drift: bool):
+    """_refine whose targets are the source attention's output on the original model's hidden states (inputs
+    stay the converted model's: asymmetric, as GPTAQ calibrates quantised layers); with `drift` also minus
+    the residual drift h - h_orig, so that the residual stream after the attention matches the original's."""
+    from vllm_transmla.convert.local_refine import refine_attention, refined_parameters
+
+    def _refine(self, layer: int, converted, kept, dtype) -> dict:
+        runner = self.runner
+        inputs = runner.attention_inputs(layer)
+        norm = runner.module(layer).input_layernorm
+        with torch.no_grad():
+            original_inputs = torch.cat([norm(h) for h in runner.original_hidden.split(runner.batch_size)])
+        targets = runner.source_attention_outputs(layer, original_inputs)
+        if drift:
+            targets = targets + runner.original_hidden - runner.hidden
+        result = refine_attention(converted, inputs, targets, self.plan.refine_epochs, seed=layer)
+        self.refine_errors.append((result.before, result.after))
+        return {name: p.detach().to(dtype) for name, p in refined_parameters(converted.attention).items()}
+
+    return _refine
+
+
+def attention_output_fisher(model_path, tokens: torch.Tensor, per_token: bool) -> list[torch.Tensor]:
+    """Per layer, the squared gradient of the original model's next-token loss on the calibration `tokens`
+    [N, T] with respect to the attention's output: [hidden] averaged over the tokens, or with `per_token`
+    [N, T, hidden] (float16); each scaled to mean 1."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers_ = model.model.layers
+    grads: list[list[torch.Tensor]] = [[] for _ in layers_]
+
+    def hook(index):
+        def capture(_module, _args, output):
+            output[0].register_hook(lambda g: grads[index].append(g.detach().pow(2)))
+        return capture
+
+    handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(layers_)]
+    try:
+        for batch in tokens.split(2):
+            embeds = model.model.embed_tokens(batch).requires_grad_(True)
+            logits = model(inputs_embeds=embeds).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for g in grads:
+        g = torch.cat(g)  # [N, T, hidden]
+        g = g / g.mean()
+        out.append(g.half() if per_token else g.mean(dim=(0, 1)))
+    return out
+
+
+class Weighted(torch.nn.Module):
+    """attention(x) * sqrt(w): the weights ride in the input's last `hidden` dims (per token or broadcast)."""
+
+    def __init__(self, attention, hidden: int):
+        super().__init__()
+        self.attention, self.hidden = attention, hidden
+
+    def forward(self, x):
+        x, w = x[..., :self.hidden], x[..., self.hidden:]
+        return self.attention(x)[0] * w, None
+
+
+def refine_fisher(per_token: bool):
+    """_refine whose error is weighted by the downstream loss' diagonal Fisher of the attention output."""
+    from vllm_transmla.convert.local_refine import refine_attention, refined_parameters
+
+    init = layers.CompressedLayers.__init__
+
+    def patched_init(self, source, plan, tokens):
+        init(self, source, plan, tokens)
+        self.fisher = attention_output_fisher(source.path, tokens, per_token)
+
+    def _refine(self, layer: int, converted, kept, dtype) -> dict:
+        runner = self.runner
+        inputs = runner.attention_inputs(layer)
+        with torch.no_grad():
+            o_proj = runner.module(layer).self_attn.o_proj
+            targets = torch.cat([o_proj(o.flatten(2)) for _, o in kept])
+        root = self.fisher[layer].float().sqrt().expand_as(targets)
+        weighted = Weighted(converted, inputs.shape[-1])
+        result = refine_attention(weighted, torch.cat([inputs, root], dim=-1), targets * root,
+                                  self.plan.refine_epochs, seed=layer)
+        self.refine_errors.append((result.before, result.after))
+        return {name: p.detach().to(dtype) for name, p in refined_parameters(converted.attention).items()}
+
+    layers.CompressedLayers.__init__, layers.CompressedLayers._refine = patched_init, _refine
+
+
 def main() -> None:
     from vllm_transmla.convert.pipeline import convert
     from vllm_transmla.real_model import LICENSE_TEXTS, fetch_smollm2
@@ -181,6 +305,18 @@ def main() -> None:
     if variant == "refine-layer-output":
         layers.CompressedLayers._refine = refine_layer_output
         options["refine_epochs"] = 4
+    elif variant == "refine-settings":  # lr, sequences per step, epochs
+        import vllm_transmla.convert.local_refine as local_refine
+
+        local_refine.refine_attention.__defaults__ = (scales[0], int(scales[1]), 0)
+        options["refine_epochs"] = int(scales[2])
+    elif variant in ("refine-fisher", "refine-fisher-per-token"):
+        refine_fisher(per_token=variant == "refine-fisher-per-token")
+        options["refine_epochs"] = 4
+    elif variant in ("refine-original-targets", "refine-drift-targets"):
+        track_original_hidden()
+        layers.CompressedLayers._refine = refine_original_targets(drift=variant == "refine-drift-targets")
+        options["refine_epochs"] = 4
     elif variant != "nope-scale":
         patch(variant)
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +325,8 @@ def main() -> None:
         if variant == "nope-scale":
             nope_scales(dst, scales or [1.0, 1.1, 1.25])
         else:
-            print(json.dumps({"variant": variant, "perplexity": perplexities(dst, TEXTS)}), flush=True)
+            print(json.dumps({"variant": variant, "args": sys.argv[2:], "perplexity": perplexities(dst, TEXTS)}),
+                  flush=True)
 
 
 if __name__ == "__main__":
